@@ -1,0 +1,3 @@
+//! vqt-bench: parity checks against reference fixtures, and (later) memory/speed comparisons.
+
+pub mod parity;

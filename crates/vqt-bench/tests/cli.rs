@@ -1,0 +1,102 @@
+//! The `vqt-bench` binary end to end: exit codes and one-line errors.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vqt-bench"))
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vqt-bench-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn parity_passes_on_shared_fixture_and_writes_json() {
+    let json = tmpdir("json").join("parity.json");
+    let out = bench().args(["parity"]).arg(fixtures().join("tiny-a")).arg("--json").arg(&json).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ok   vqt   vqt.grad.queries"), "{stdout}");
+    assert!(stdout.contains("parity passed for 1 fixture(s) on cpu"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v[0]["lines"].as_array().unwrap().len(), 16);
+}
+
+#[test]
+fn unsupported_check_fails_the_run() {
+    let d = tmpdir("unsupported");
+    for f in std::fs::read_dir(fixtures().join("tiny-a")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("manifest.json")).unwrap()).unwrap();
+    m["checks"]["future_method"] = serde_json::json!({"file": "expected.safetensors", "tensors": []});
+    std::fs::write(d.join("manifest.json"), m.to_string()).unwrap();
+    let out = bench().arg("parity").arg(&d).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("FAIL unsupported check `future_method`"), "{stdout}");
+}
+
+#[test]
+fn tolerance_violation_fails_the_run() {
+    let d = tmpdir("tol");
+    for f in std::fs::read_dir(fixtures().join("tiny-a")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("manifest.json")).unwrap()).unwrap();
+    m["tolerance"]["abs"] = serde_json::json!(0.0);
+    m["checks"].as_object_mut().unwrap().remove("vqt");
+    std::fs::write(d.join("manifest.json"), m.to_string()).unwrap();
+    let out = bench().arg("parity").arg(&d).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // f32 results from a different kernel order are never all bit-identical to PyTorch's.
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("FAIL vit"), "{stdout}");
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors() {
+    let missing = bench().args(["parity", "/nonexistent/fixture"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("/nonexistent/fixture/manifest.json"), "{err}");
+
+    let backend = bench().arg("parity").arg(fixtures().join("tiny-a")).args(["--backend", "tpu"]).output().unwrap();
+    assert_eq!(backend.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&backend.stderr);
+    assert!(err.contains("unknown backend `tpu`"), "{err}");
+
+    #[cfg(not(feature = "cuda"))]
+    {
+        let cuda = bench().arg("parity").arg(fixtures().join("tiny-a")).args(["--backend", "cuda"]).output().unwrap();
+        assert_eq!(cuda.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&cuda.stderr);
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+
+    // A truncated checkpoint: the error names the file.
+    let d = tmpdir("trunc");
+    for f in std::fs::read_dir(fixtures().join("tiny-a")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+    }
+    let ck = d.join("vit.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
+    let out = bench().arg("parity").arg(&d).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("vit.safetensors: not a readable safetensors file"), "{err}");
+}

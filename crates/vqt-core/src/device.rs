@@ -1,0 +1,179 @@
+//! Run-time backend selection.
+//!
+//! Burn 0.22 picks the backend from the [`Device`] a tensor lives on, so the whole framework is
+//! compiled once and the backend is chosen at launch. Every constructor is explicit: we never
+//! rely on `Device::default()`, whose choice depends on which features happen to be compiled in.
+
+use burn::tensor::{Device, DeviceKind};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// A backend the user can ask for on the command line or in a config file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// Burn's pure-Rust CPU backend (Flex: gemm + rayon + SIMD). The default.
+    Cpu,
+    /// Burn's deprecated ndarray CPU backend (cargo feature `ndarray`, on by default), kept for
+    /// cross-backend comparisons.
+    Ndarray,
+    /// WGPU (Vulkan/Metal/DX12/GL); picks the default adapter, or discrete GPU `N` with `--device N`.
+    Wgpu,
+    /// WGPU forced onto a CPU adapter (e.g. Mesa llvmpipe): exercises the GPU code path without a GPU.
+    WgpuCpu,
+    /// CUDA (cargo feature `cuda`, opt-in: its build downloads an LLVM bundle).
+    Cuda,
+}
+
+impl BackendKind {
+    /// Every backend name the CLI accepts.
+    pub const ALL: [BackendKind; 5] = [
+        BackendKind::Cpu,
+        BackendKind::Ndarray,
+        BackendKind::Wgpu,
+        BackendKind::WgpuCpu,
+        BackendKind::Cuda,
+    ];
+
+    /// The name used on the command line and in run records.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Ndarray => "ndarray",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::WgpuCpu => "wgpu-cpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+
+    /// Whether this binary was compiled with this backend.
+    pub fn is_compiled(self) -> bool {
+        match self {
+            BackendKind::Cpu | BackendKind::Wgpu | BackendKind::WgpuCpu => true,
+            BackendKind::Ndarray => cfg!(feature = "ndarray"),
+            BackendKind::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// The backends compiled into this binary.
+    pub fn compiled() -> Vec<BackendKind> {
+        Self::ALL.into_iter().filter(|b| b.is_compiled()).collect()
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = DeviceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.name() == s.trim().to_ascii_lowercase())
+            .ok_or_else(|| DeviceError::UnknownBackend(s.to_string()))
+    }
+}
+
+/// Why a device could not be made.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceError {
+    /// The name is not a backend at all.
+    #[error("unknown backend `{0}`: expected one of cpu, ndarray, wgpu, wgpu-cpu, cuda")]
+    UnknownBackend(String),
+    /// The backend exists but this binary was built without it.
+    #[error("backend `{backend}` is not compiled into this binary: rebuild with `--features {feature}`")]
+    NotCompiled {
+        /// The backend asked for.
+        backend: BackendKind,
+        /// The cargo feature that enables it.
+        feature: &'static str,
+    },
+    /// The backend is compiled in but no such device exists on this machine.
+    #[error("backend `{backend}`: no device with index {index} (found {found})")]
+    NoSuchDevice {
+        /// The backend asked for.
+        backend: BackendKind,
+        /// The index asked for.
+        index: usize,
+        /// How many devices were found.
+        found: usize,
+    },
+}
+
+/// Builds the plain (non-autodiff) device for `backend`, device index `index`.
+///
+/// `index` selects the n-th CUDA device, or the n-th discrete GPU for `wgpu` (None = default
+/// adapter). CPU backends ignore it.
+pub fn make_device(backend: BackendKind, index: Option<usize>) -> Result<Device, DeviceError> {
+    match backend {
+        BackendKind::Cpu => Ok(Device::flex()),
+        BackendKind::Ndarray => ndarray_device(),
+        BackendKind::Wgpu => Ok(Device::wgpu(match index {
+            Some(i) => DeviceKind::DiscreteGpu(i),
+            None => DeviceKind::DefaultDevice,
+        })),
+        BackendKind::WgpuCpu => Ok(Device::wgpu(DeviceKind::Cpu)),
+        BackendKind::Cuda => cuda_device(index.unwrap_or(0)),
+    }
+}
+
+#[cfg(feature = "ndarray")]
+#[allow(deprecated)]
+fn ndarray_device() -> Result<Device, DeviceError> {
+    Ok(Device::ndarray())
+}
+
+#[cfg(not(feature = "ndarray"))]
+fn ndarray_device() -> Result<Device, DeviceError> {
+    Err(DeviceError::NotCompiled { backend: BackendKind::Ndarray, feature: "ndarray" })
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(index: usize) -> Result<Device, DeviceError> {
+    use burn::tensor::DeviceType;
+    // Enumerating is safe without libcuda (empty list); the first op on a missing device panics.
+    let found = Device::enumerate(DeviceType::Cuda).into_vec().len();
+    if index >= found {
+        return Err(DeviceError::NoSuchDevice { backend: BackendKind::Cuda, index, found });
+    }
+    Ok(Device::cuda(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_index: usize) -> Result<Device, DeviceError> {
+    Err(DeviceError::NotCompiled { backend: BackendKind::Cuda, feature: "cuda" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_name_and_rejects_others() {
+        for b in BackendKind::ALL {
+            assert_eq!(b.name().parse::<BackendKind>().unwrap(), b);
+        }
+        let err = "tpu".parse::<BackendKind>().unwrap_err();
+        assert!(err.to_string().contains("unknown backend `tpu`"), "{err}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_feature_names_the_feature() {
+        let err = make_device(BackendKind::Cuda, None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "backend `cuda` is not compiled into this binary: rebuild with `--features cuda`"
+        );
+    }
+
+    #[test]
+    fn cpu_device_is_plain() {
+        let d = make_device(BackendKind::Cpu, None).unwrap();
+        assert!(!d.is_autodiff());
+    }
+}

@@ -1,0 +1,9 @@
+//! vqt-models: the Vision Transformer, the query side and the heads, defined once for every
+//! Burn backend (the backend is chosen by the [`burn::tensor::Device`] at run time).
+
+pub mod drop_path;
+pub mod ops;
+pub mod query;
+pub mod vit;
+
+pub use vit::{Vit, VitConfig, VitPreset};

@@ -1,0 +1,109 @@
+//! Visual Query Tuning (Tu et al., CVPR 2023), on the trunk path.
+//!
+//! Per layer m, Q learnable queries `P[m]` pass the frozen block m: they attend only to that
+//! layer's class+patch keys/values (never to each other), take both residuals and the MLP, and
+//! leave the residual stream. The head reads the L2-normalised groups
+//! `[LN_final(Z_L)[:,0], flat(out[0]), …, flat(out[L−1])]` (methods.md §3).
+//!
+//! The trunk keys/values come from [`Vit::forward_kv`] run without autodiff; this module only
+//! ever puts queries, their outputs and the head on the tape.
+
+use crate::vit::{TrunkKv, Vit};
+use burn::module::{Initializer, Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// VQT hyper-parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VqtConfig {
+    /// Queries per layer Q (the demo uses 1, 10 or 20 per task).
+    pub num_queries: usize,
+    /// Dropout on the query tokens in training (official code: 0.1).
+    #[serde(default = "default_query_dropout")]
+    pub query_dropout: f64,
+}
+
+fn default_query_dropout() -> f64 {
+    0.1
+}
+
+/// Learnable queries plus the concat-L2 linear head.
+#[derive(Module, Debug)]
+pub struct Vqt {
+    /// Queries `[L, Q, D]`.
+    pub queries: Param<Tensor<3>>,
+    /// Linear head `F -> C` with `F = D·(1 + L·Q)`.
+    pub head: Linear,
+    /// Query dropout (train only).
+    pub dropout: Dropout,
+}
+
+/// `v / max(‖v‖₂, eps)` along dim 1 of `[B, F]`.
+pub fn l2_normalize(v: Tensor<2>, eps: f64) -> Tensor<2> {
+    let norm = v.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(eps);
+    v / norm
+}
+
+impl VqtConfig {
+    /// Head input width `F = D·(1 + L·Q)`.
+    pub fn feature_dim(&self, depth: usize, embed_dim: usize) -> usize {
+        embed_dim * (1 + depth * self.num_queries)
+    }
+
+    /// Fresh queries (`U(−a, a)`, `a = √(6/(3p² + D))`, the VPT prompt init) and head
+    /// (`W ~ N(0, √(2/C))`, `b = −ln 99`), as the official code initialises them.
+    pub fn init(&self, depth: usize, embed_dim: usize, patch_size: usize, num_classes: usize, device: &Device) -> Vqt {
+        let a = (6.0 / (3.0 * (patch_size * patch_size) as f64 + embed_dim as f64)).sqrt();
+        let queries = Initializer::Uniform { min: -a, max: a }.init([depth, self.num_queries, embed_dim], device);
+        let head = LinearConfig::new(self.feature_dim(depth, embed_dim), num_classes)
+            .with_initializer(Initializer::Normal { mean: 0.0, std: (2.0 / num_classes as f64).sqrt() })
+            .init(device);
+        let head = Linear {
+            bias: Some(Initializer::Constant { value: -(99f64).ln() }.init([num_classes], device)),
+            ..head
+        };
+        Vqt { queries, head, dropout: DropoutConfig::new(self.query_dropout).init() }
+    }
+}
+
+impl Vqt {
+    /// Queries per layer Q.
+    pub fn num_queries(&self) -> usize {
+        self.queries.dims()[1]
+    }
+
+    /// Each layer's query outputs `[B, Q, D]` (not normalised), given the trunk's K/V.
+    pub fn query_outputs(&self, backbone: &Vit, trunk: &TrunkKv) -> Vec<Tensor<3>> {
+        let [depth, q, d] = self.queries.dims();
+        assert_eq!(depth, backbone.depth(), "VQT has {depth} query sets for a {}-block backbone", backbone.depth());
+        let b = trunk.cls.dims()[0];
+        backbone
+            .blocks
+            .iter()
+            .zip(&trunk.kv)
+            .enumerate()
+            .map(|(m, (block, (k, v)))| {
+                let p = self.queries.val().narrow(0, m, 1).expand([b, q, d]);
+                block.query_forward(self.dropout.forward(p), k.clone(), v.clone())
+            })
+            .collect()
+    }
+
+    /// The head's input: L2-normalised groups `[cls, flat(out[0]), …]`, `[B, F]`.
+    pub fn features(cls: Tensor<2>, outs: &[Tensor<3>]) -> Tensor<2> {
+        let mut groups = vec![l2_normalize(cls, 1e-12)];
+        for o in outs {
+            let [b, q, d] = o.dims();
+            groups.push(l2_normalize(o.clone().reshape([b, q * d]), 1e-12));
+        }
+        Tensor::cat(groups, 1)
+    }
+
+    /// Logits from the trunk's K/V and class token.
+    pub fn forward(&self, backbone: &Vit, trunk: &TrunkKv) -> Tensor<2> {
+        let outs = self.query_outputs(backbone, trunk);
+        self.head.forward(Self::features(trunk.cls.clone(), &outs))
+    }
+}

@@ -1,0 +1,89 @@
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::activation::softmax;
+use burn::tensor::module::linear;
+use burn::tensor::Tensor;
+
+/// timm's multi-head self-attention with a fused qkv projection.
+///
+/// `qkv.weight` is `[D, 3D]` (Burn's `[in, out]` layout): columns `[0, D)` produce q, `[D, 2D)` k
+/// and `[2D, 3D)` v; inside each third, head h owns columns `h·Dh .. (h+1)·Dh`.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Fused q/k/v projection, `Linear(D, 3D)`.
+    pub qkv: Linear,
+    /// Output projection, `Linear(D, D)`.
+    pub proj: Linear,
+    /// Number of heads H.
+    pub num_heads: usize,
+}
+
+/// `[B, N, D]` -> `[B, H, N, Dh]`.
+pub(crate) fn split_heads(x: Tensor<3>, num_heads: usize) -> Tensor<4> {
+    let [b, n, d] = x.dims();
+    x.reshape([b, n, num_heads, d / num_heads]).swap_dims(1, 2)
+}
+
+/// `[B, H, N, Dh]` -> `[B, N, D]`.
+pub(crate) fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [b, h, n, dh] = x.dims();
+    x.swap_dims(1, 2).reshape([b, n, h * dh])
+}
+
+impl Attention {
+    fn width(&self) -> usize {
+        self.proj.weight.dims()[0]
+    }
+
+    /// Columns `[start, start+len)` of the fused projection applied to `a`.
+    fn project_part(&self, a: Tensor<3>, start: usize, len: usize) -> Tensor<3> {
+        let w = self.qkv.weight.val().narrow(1, start, len);
+        let b = self.qkv.bias.as_ref().map(|b| b.val().narrow(0, start, len));
+        linear(a, w, b)
+    }
+
+    /// q, k, v of the (already normalised) tokens `a: [B, N, D]`, each `[B, H, N, Dh]`.
+    pub fn qkv(&self, a: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let d = self.width();
+        let qkv = self.qkv.forward(a);
+        let q = qkv.clone().narrow(2, 0, d);
+        let k = qkv.clone().narrow(2, d, d);
+        let v = qkv.narrow(2, 2 * d, d);
+        let h = self.num_heads;
+        (split_heads(q, h), split_heads(k, h), split_heads(v, h))
+    }
+
+    /// Only the query third of the fused projection (for query tokens that are not keys).
+    pub fn q(&self, a: Tensor<3>) -> Tensor<4> {
+        split_heads(self.project_part(a, 0, self.width()), self.num_heads)
+    }
+
+    /// Only the key and value thirds (for trunk tokens whose queries are not needed).
+    pub fn kv(&self, a: Tensor<3>) -> (Tensor<4>, Tensor<4>) {
+        let d = self.width();
+        let kv = self.project_part(a, d, 2 * d);
+        let k = kv.clone().narrow(2, 0, d);
+        let v = kv.narrow(2, d, d);
+        (split_heads(k, self.num_heads), split_heads(v, self.num_heads))
+    }
+
+    /// `softmax(q·kᵀ/√Dh)·v` with heads merged: `[B, H, Nq, Dh]` x `[B, H, Nk, Dh]` -> `[B, Nq, D]`.
+    pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+        let dh = q.dims()[3];
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (dh as f64).sqrt());
+        merge_heads(softmax(scores, 3).matmul(v))
+    }
+
+    /// Self-attention of `a: [B, N, D]`, also returning its keys and values.
+    pub fn forward_kv(&self, a: Tensor<3>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
+        let (q, k, v) = self.qkv(a);
+        let o = Self::attend(q, k.clone(), v.clone());
+        (self.proj.forward(o), k, v)
+    }
+
+    /// Queries `q_tokens: [B, Q, D]` (already normalised) attending to given keys/values,
+    /// through the output projection.
+    pub fn cross(&self, q_tokens: Tensor<3>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+        self.proj.forward(Self::attend(self.q(q_tokens), k, v))
+    }
+}

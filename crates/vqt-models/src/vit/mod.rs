@@ -1,0 +1,17 @@
+//! The ViT exactly as timm's `VisionTransformer` builds it (pre-norm, fused qkv, exact GELU,
+//! optional LayerScale, class token, learned absolute position embeddings).
+
+mod attention;
+mod block;
+mod config;
+pub mod load;
+mod model;
+mod patch_embed;
+pub mod pos_embed;
+
+pub use attention::Attention;
+pub use block::{Block, LayerScale, Mlp};
+pub use config::{VitConfig, VitPreset};
+pub use load::{LoadError, LoadReport};
+pub use model::{TrunkKv, Vit, VitTrace};
+pub use patch_embed::PatchEmbed;
