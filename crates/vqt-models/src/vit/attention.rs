@@ -19,13 +19,13 @@ pub struct Attention {
 }
 
 /// `[B, N, D]` -> `[B, H, N, Dh]`.
-pub(crate) fn split_heads(x: Tensor<3>, num_heads: usize) -> Tensor<4> {
+pub fn split_heads(x: Tensor<3>, num_heads: usize) -> Tensor<4> {
     let [b, n, d] = x.dims();
     x.reshape([b, n, num_heads, d / num_heads]).swap_dims(1, 2)
 }
 
 /// `[B, H, N, Dh]` -> `[B, N, D]`.
-pub(crate) fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
     let [b, h, n, dh] = x.dims();
     x.swap_dims(1, 2).reshape([b, n, h * dh])
 }

@@ -1,0 +1,194 @@
+//! Invariants of the trunk path (VQT, SynQT, linear probe): the backbone is never changed and
+//! never differentiated, and the feature cache changes nothing but time.
+
+use burn::module::Module;
+use burn::nn::LinearConfig;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use vqt_core::HostTensor;
+use vqt_models::cache::{CacheDtype, CacheKind, FeatureCache};
+use vqt_models::query::{SynqtConfig, VqtConfig};
+use vqt_models::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel, Vit, VitConfig};
+
+fn tiny() -> VitConfig {
+    VitConfig {
+        img_size: 16,
+        patch_size: 4,
+        in_chans: 3,
+        embed_dim: 24,
+        depth: 3,
+        num_heads: 3,
+        mlp_ratio: 2.0,
+        qkv_bias: true,
+        layer_norm_eps: 1e-6,
+        layer_scale_init: Some(0.5),
+        num_classes: 0,
+    }
+}
+
+const CLASSES: usize = 4;
+
+fn methods(vit: &Vit, device: &Device) -> Vec<QueryMethod> {
+    vec![
+        QueryMethod::Linear(LinearConfig::new(vit.embed_dim(), CLASSES).init(device)),
+        QueryMethod::Vqt(VqtConfig { num_queries: 2, query_dropout: 0.0 }.init(vit.depth(), vit.embed_dim(), 4, CLASSES, device)),
+        QueryMethod::Synqt(
+            SynqtConfig { num_tokens: 2, feat_scale: 0.5, attn_scale: 0.5, ffn_scale: 0.5, dropout: 0.0, head_drop_path: 0.0, kem_drop_path: 0.0 }
+                .init(vit, CLASSES, device),
+        ),
+    ]
+}
+
+fn images(device: &Device, n: usize, seed: u64) -> Tensor<4> {
+    device.seed(seed);
+    Tensor::random([n, 3, 16, 16], Distribution::Normal(0.0, 1.0), device)
+}
+
+fn targets(n: usize, device: &Device) -> Tensor<1, Int> {
+    let t: Vec<i64> = (0..n as i64).map(|i| i % CLASSES as i64).collect();
+    Tensor::from_data(TensorData::new(t, [n]), device)
+}
+
+fn backbone_snapshot(vit: &Vit) -> Vec<HostTensor> {
+    let mut out = vec![HostTensor::from_tensor(vit.cls_token.val()), HostTensor::from_tensor(vit.pos_embed.val())];
+    for b in &vit.blocks {
+        out.push(HostTensor::from_tensor(b.attn.qkv.weight.val()));
+        out.push(HostTensor::from_tensor(b.mlp.fc2.weight.val()));
+        out.push(HostTensor::from_tensor(b.ls1.as_ref().unwrap().gamma.val()));
+    }
+    out
+}
+
+#[test]
+fn no_backbone_parameter_receives_a_gradient_and_every_method_parameter_does() {
+    let plain = Device::flex();
+    let ad = plain.clone().autodiff();
+    plain.seed(1);
+    let vit = tiny().init(&plain);
+    for method in methods(&vit, &ad) {
+        let name = method.name();
+        let n_method_tensors = {
+            let mut count = 0;
+            method.visit(&mut CountTensors(&mut count));
+            count
+        };
+        let model = TrunkModel::new(tiny().init(&plain), method);
+        let batch = TrunkBatch { input: TrunkInput::Images(images(&ad, 4, 2)), targets: targets(4, &ad) };
+        let out = model.forward_classification(batch);
+        let mut grads = out.loss.backward();
+        assert_eq!(GradientsParams::from_module(&mut grads, &model.backbone).len(), 0, "{name}: backbone got gradients");
+        assert_eq!(GradientsParams::from_module(&mut grads, &model.method).len(), n_method_tensors, "{name}: some method tensor got no gradient");
+        // The trunk never lands on the tape: its outputs are plain tensors.
+        let trunk = model.trunk(TrunkInput::Images(images(&ad, 2, 3)));
+        assert!(!trunk.cls.device().is_autodiff() && !trunk.kv[0].0.device().is_autodiff(), "{name}");
+    }
+}
+
+struct CountTensors<'a>(&'a mut usize);
+impl burn::module::ModuleVisitor for CountTensors<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        if param.is_require_grad() {
+            *self.0 += 1;
+        }
+    }
+}
+
+#[test]
+fn training_leaves_the_backbone_and_its_outputs_bit_identical() {
+    let plain = Device::flex();
+    let ad = plain.clone().autodiff();
+    plain.seed(4);
+    let vit = tiny().init(&plain);
+    let x = images(&plain, 3, 5);
+    let before_params = backbone_snapshot(&vit);
+    let before_trace = vit.forward_trace(x.clone());
+    let vqt = VqtConfig { num_queries: 3, query_dropout: 0.1 }.init(vit.depth(), vit.embed_dim(), 4, CLASSES, &ad);
+    let mut model = TrunkModel::new(vit, QueryMethod::Vqt(vqt));
+    let mut optim = AdamConfig::new().init();
+    for step in 0..3 {
+        let batch = TrunkBatch { input: TrunkInput::Images(images(&ad, 4, 10 + step)), targets: targets(4, &ad) };
+        let out = model.forward_classification(batch);
+        let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+    }
+    for (a, b) in before_params.iter().zip(backbone_snapshot(&model.backbone)) {
+        assert!(a == &b, "a backbone parameter changed");
+    }
+    let after = model.backbone.forward_trace(x.clone());
+    for (a, b) in before_trace.blocks.iter().zip(&after.blocks) {
+        assert!(HostTensor::from_tensor(a.clone()) == HostTensor::from_tensor(b.clone()), "block output changed");
+    }
+    // The trunk pass the queries read is the plain ViT, bit for bit.
+    let kv = model.backbone.forward_kv(x);
+    assert!(HostTensor::from_tensor(kv.cls) == HostTensor::from_tensor(before_trace.cls));
+}
+
+fn initial_model() -> (TrunkModel, Tensor<4>) {
+    let plain = Device::flex();
+    let ad = plain.clone().autodiff();
+    plain.seed(7);
+    let vit = tiny().init(&plain);
+    let data = images(&plain, 8, 8);
+    let synqt = SynqtConfig { num_tokens: 2, feat_scale: 0.1, attn_scale: 1.0, ffn_scale: 0.1, dropout: 0.0, head_drop_path: 0.0, kem_drop_path: 0.0 };
+    let method = QueryMethod::Synqt(synqt.init(&vit, CLASSES, &ad));
+    (TrunkModel::new(vit, method), data)
+}
+
+fn train_losses(mut model: TrunkModel, data: &Tensor<4>, cached: Option<(CacheKind, CacheDtype)>) -> Vec<f32> {
+    let plain = Device::flex();
+    let ad = plain.clone().autodiff();
+    let cache = cached.map(|(kind, dtype)| {
+        let batches = (0..4).map(|i| data.clone().narrow(0, 2 * i, 2)); // built in other batch sizes than used
+        FeatureCache::build(&model.backbone, batches, kind, dtype, |_| {})
+    });
+    let mut optim = AdamConfig::new().init();
+    let mut losses = Vec::new();
+    for epoch in 0..3 {
+        for rows in [[0usize, 3, 5, 6], [1, 2, 4, 7]] {
+            let rows: Vec<usize> = rows.iter().map(|r| (r + epoch) % 8).collect();
+            let input = match &cache {
+                Some(c) => TrunkInput::Cached(c.batch(&model.backbone, &rows, &ad)),
+                None => {
+                    let idx = Tensor::<1, Int>::from_data(TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [4]), &plain);
+                    TrunkInput::Images(data.clone().select(0, idx))
+                }
+            };
+            let out = model.forward_classification(TrunkBatch { input, targets: targets(4, &ad) });
+            losses.push(out.loss.clone().into_scalar::<f32>());
+            let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+            model = optim.step(5e-3, model, grads);
+        }
+    }
+    losses
+}
+
+#[test]
+fn cached_and_uncached_training_give_the_same_loss_curve() {
+    let (model, data) = initial_model();
+    let direct = train_losses(model.clone(), &data, None);
+    for (mode, tol) in [
+        ((CacheKind::Kv, CacheDtype::F32), 1e-5),
+        ((CacheKind::Hidden, CacheDtype::F32), 1e-5),
+        ((CacheKind::Kv, CacheDtype::F16), 5e-3),
+    ] {
+        let cached = train_losses(model.clone(), &data, Some(mode));
+        assert_eq!(cached.len(), direct.len());
+        for (i, (a, b)) in direct.iter().zip(&cached).enumerate() {
+            assert!((a - b).abs() <= tol, "{mode:?} step {i}: direct {a} vs cached {b}");
+        }
+    }
+    // The curve moves: a cache that returned the same batch every time would not match this.
+    assert!(direct.first() != direct.last());
+}
+
+#[test]
+fn cache_sizes_match_the_arithmetic() {
+    let plain = Device::flex();
+    let vit = tiny().init(&plain);
+    let n_tok = vit.num_tokens();
+    let kv = FeatureCache::build(&vit, [images(&plain, 5, 1)], CacheKind::Kv, CacheDtype::F32, |_| {});
+    let hidden = FeatureCache::build(&vit, [images(&plain, 5, 1)], CacheKind::Hidden, CacheDtype::F16, |_| {});
+    assert_eq!(kv.len(), 5);
+    assert_eq!(kv.bytes(), 5 * (3 * 2 * n_tok * 24 + 24) * 4);
+    assert_eq!(hidden.bytes(), 5 * (3 * n_tok * 24 + 24) * 2);
+}
