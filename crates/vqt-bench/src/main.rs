@@ -29,6 +29,100 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Measure peak memory and step time of training methods, each in its own child process;
+    /// writes `<out>.json` and `<out>.md` (ratios to full fine-tuning).
+    Memory {
+        /// Comma-separated methods: linear, vqt, synqt, vqt-cached, full-ft.
+        #[arg(long, default_value = "linear,vqt,vqt-cached,synqt,full-ft")]
+        methods: String,
+        #[command(flatten)]
+        shape: Shape,
+        /// Output path prefix (`.json` and `.md` are appended).
+        #[arg(long, default_value = "docs/results/memory")]
+        out: PathBuf,
+    },
+    /// Measure one method in this process and print one JSON line (used by `memory`).
+    Step {
+        /// The method.
+        #[arg(long)]
+        method: String,
+        #[command(flatten)]
+        shape: Shape,
+    },
+}
+
+/// Backbone, input and step counts of a measurement.
+#[derive(clap::Args, Clone, Debug)]
+struct Shape {
+    /// Backbone preset (vit-ti16, vit-s16, vit-b16, vit-l16, vit-h14, vit-s14-dinov2).
+    #[arg(long, default_value = "vit-s14-dinov2")]
+    preset: String,
+    /// Input size in pixels (position table sized for it).
+    #[arg(long, default_value_t = 112)]
+    img_size: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Classes of the head.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Warm-up steps (not timed).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Backend: cpu, ndarray, wgpu, wgpu-cpu, cuda.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Device index (GPU backends).
+    #[arg(long)]
+    device: Option<usize>,
+}
+
+impl Shape {
+    fn options(&self) -> Result<vqt_bench::bench::StepOptions> {
+        let preset = vqt_models::VitPreset::from_name(&self.preset).map_err(anyhow::Error::msg)?;
+        let vit = preset.config().with_img_size(self.img_size);
+        vit.validate().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(self.batch > 0 && self.steps > 0, "--batch and --steps must be positive");
+        Ok(vqt_bench::bench::StepOptions {
+            vit,
+            backbone: self.preset.clone(),
+            batch: self.batch,
+            classes: self.classes,
+            warmup: self.warmup,
+            steps: self.steps,
+            backend: self.backend.clone(),
+        })
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--preset".into(), self.preset.clone(),
+            "--img-size".into(), self.img_size.to_string(),
+            "--batch".into(), self.batch.to_string(),
+            "--classes".into(), self.classes.to_string(),
+            "--warmup".into(), self.warmup.to_string(),
+            "--steps".into(), self.steps.to_string(),
+            "--backend".into(), self.backend.clone(),
+        ];
+        if let Some(d) = self.device {
+            a.extend(["--device".into(), d.to_string()]);
+        }
+        a
+    }
+}
+
+/// Writes `text` to `path` through a temporary file and a rename.
+fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("{}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
+    Ok(())
 }
 
 fn main() {
@@ -50,10 +144,7 @@ fn run() -> Result<()> {
                 reports.push(r);
             }
             if let Some(path) = json {
-                let text = serde_json::to_string_pretty(&reports)?;
-                let tmp = path.with_extension("json.tmp");
-                std::fs::write(&tmp, text).with_context(|| format!("{}", tmp.display()))?;
-                std::fs::rename(&tmp, &path).with_context(|| format!("{}", path.display()))?;
+                write_atomic(&path, &serde_json::to_string_pretty(&reports)?)?;
             }
             let failed = reports.iter().filter(|r| !r.passed()).count();
             if failed > 0 {
@@ -61,6 +152,37 @@ fn run() -> Result<()> {
                 std::process::exit(1);
             }
             println!("parity passed for {} fixture(s) on {backend}", reports.len());
+            Ok(())
+        }
+        Command::Step { method, shape } => {
+            let opts = shape.options()?;
+            let device = make_device(shape.backend.parse()?, shape.device)?;
+            let r = vqt_bench::bench::measure(&method, &opts, &device).map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Command::Memory { methods, shape, out } => {
+            shape.options()?; // validate before spawning anything
+            let _: BackendKind = shape.backend.parse()?;
+            let exe = std::env::current_exe()?;
+            let mut reports = Vec::new();
+            for method in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+                anyhow::ensure!(vqt_bench::bench::METHODS.contains(&method), "unknown method `{method}` (known: {})", vqt_bench::bench::METHODS.join(", "));
+                eprintln!("measuring {method} ...");
+                let child = std::process::Command::new(&exe).args(["step", "--method", method]).args(shape.args()).output()?;
+                anyhow::ensure!(
+                    child.status.success(),
+                    "{method}: child failed: {}",
+                    String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output")
+                );
+                let line = String::from_utf8_lossy(&child.stdout);
+                let r: vqt_bench::bench::StepReport = serde_json::from_str(line.trim()).with_context(|| format!("{method}: bad child output"))?;
+                reports.push(r);
+            }
+            let md = vqt_bench::bench::markdown(&reports);
+            write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&reports)?)?;
+            write_atomic(&out.with_extension("md"), &md)?;
+            print!("{md}");
             Ok(())
         }
     }

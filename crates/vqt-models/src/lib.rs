@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod drop_path;
+pub mod head;
 pub mod model;
 pub mod ops;
 pub mod query;

@@ -34,6 +34,14 @@ impl QueryMethod {
         }
     }
 
+    /// An extra loss term the method defines (VQT's group lasso in the compress stage).
+    pub fn penalty(&self) -> Option<Tensor<1>> {
+        match self {
+            QueryMethod::Vqt(v) => v.penalty(),
+            _ => None,
+        }
+    }
+
     /// Short name for logs and records.
     pub fn name(&self) -> &'static str {
         match self {
@@ -94,11 +102,14 @@ impl TrunkModel {
         self.method.forward(&self.backbone, &trunk)
     }
 
-    /// Logits, mean cross-entropy and targets.
+    /// Logits, mean cross-entropy (plus the method's penalty, if any) and targets.
     pub fn forward_classification(&self, batch: TrunkBatch) -> ClassificationOutput {
         let logits = self.forward(batch.input);
         let targets = batch.targets.to_device(&logits.device());
-        let loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), targets.clone());
+        let mut loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), targets.clone());
+        if let Some(p) = self.method.penalty() {
+            loss = loss + p;
+        }
         ClassificationOutput::new(loss, logits, targets)
     }
 

@@ -31,13 +31,13 @@ mod tests {
         let fused = gelu(Tensor::<1>::from_data(TensorData::new(xs.clone(), [7]), &plain));
         let x = Tensor::<1>::from_data(TensorData::new(xs.clone(), [7]), &ad).require_grad();
         let composed = gelu(x.clone());
-        let a: Vec<f32> = fused.into_data().to_vec().unwrap();
-        let b: Vec<f32> = composed.clone().inner().into_data().to_vec().unwrap();
+        let a: Vec<f32> = fused.into_data().try_to_vec::<f32>().unwrap();
+        let b: Vec<f32> = composed.clone().inner().into_data().try_to_vec::<f32>().unwrap();
         for (u, v) in a.iter().zip(&b) {
             assert!((u - v).abs() < 1e-6, "{u} vs {v}");
         }
         let grads = composed.sum().backward();
-        let g: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        let g: Vec<f32> = x.grad(&grads).unwrap().into_data().try_to_vec::<f32>().unwrap();
         for (xi, gi) in xs.iter().zip(&g) {
             let x = *xi as f64;
             let pdf = (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();

@@ -8,6 +8,7 @@
 //! The trunk keys/values come from [`Vit::forward_kv`] run without autodiff; this module only
 //! ever puts queries, their outputs and the head on the tape.
 
+use crate::head::{feature_scores, group_lasso, select_columns, select_top};
 use crate::vit::{TrunkKv, Vit};
 use burn::module::{Initializer, Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
@@ -38,6 +39,10 @@ pub struct Vqt {
     pub head: Linear,
     /// Query dropout (train only).
     pub dropout: Dropout,
+    /// Head2Toe selection: the head reads only these feature indices (stage B and after).
+    pub selection: Option<Vec<usize>>,
+    /// Group-lasso weight λ added to the loss (stage A, "compress"); 0 otherwise.
+    pub lasso: f64,
 }
 
 /// `v / max(‖v‖₂, eps)` along dim 1 of `[B, F]`.
@@ -57,15 +62,17 @@ impl VqtConfig {
     pub fn init(&self, depth: usize, embed_dim: usize, patch_size: usize, num_classes: usize, device: &Device) -> Vqt {
         let a = (6.0 / (3.0 * (patch_size * patch_size) as f64 + embed_dim as f64)).sqrt();
         let queries = Initializer::Uniform { min: -a, max: a }.init([depth, self.num_queries, embed_dim], device);
-        let head = LinearConfig::new(self.feature_dim(depth, embed_dim), num_classes)
-            .with_initializer(Initializer::Normal { mean: 0.0, std: (2.0 / num_classes as f64).sqrt() })
-            .init(device);
-        let head = Linear {
-            bias: Some(Initializer::Constant { value: -(99f64).ln() }.init([num_classes], device)),
-            ..head
-        };
-        Vqt { queries, head, dropout: DropoutConfig::new(self.query_dropout).init() }
+        let head = vqt_head(self.feature_dim(depth, embed_dim), num_classes, device);
+        Vqt { queries, head, dropout: DropoutConfig::new(self.query_dropout).init(), selection: None, lasso: 0.0 }
     }
+}
+
+/// The official VQT head init: `W ~ N(0, √(2/C))` (kaiming-normal, fan_out), `b = −ln 99`.
+pub fn vqt_head(features: usize, num_classes: usize, device: &Device) -> Linear {
+    let head = LinearConfig::new(features, num_classes)
+        .with_initializer(Initializer::Normal { mean: 0.0, std: (2.0 / num_classes as f64).sqrt() })
+        .init(device);
+    Linear { bias: Some(Initializer::Constant { value: -(99f64).ln() }.init([num_classes], device)), ..head }
 }
 
 impl Vqt {
@@ -104,6 +111,38 @@ impl Vqt {
     /// Logits from the trunk's K/V and class token.
     pub fn forward(&self, backbone: &Vit, trunk: &TrunkKv) -> Tensor<2> {
         let outs = self.query_outputs(backbone, trunk);
-        self.head.forward(Self::features(trunk.cls.clone(), &outs))
+        let feats = Self::features(trunk.cls.clone(), &outs);
+        let feats = match &self.selection {
+            Some(ids) => select_columns(feats, ids),
+            None => feats,
+        };
+        self.head.forward(feats)
+    }
+
+    /// `λ·Σ_j ‖W_j‖₂` in the compress stage, `None` otherwise.
+    pub fn penalty(&self) -> Option<Tensor<1>> {
+        (self.lasso > 0.0).then(|| group_lasso(self.head.weight.val(), 1e-12).mul_scalar(self.lasso))
+    }
+
+    /// Stage A ("compress"): this trained VQT with its head discarded, a fresh head of the same
+    /// init, frozen queries (query dropout stays active, as in the official code) and the
+    /// group-lasso weight `lambda` (official: 1e-4).
+    pub fn into_compress_stage(self, lambda: f64) -> Self {
+        let [f, c] = self.head.weight.dims();
+        let device = self.queries.device();
+        Vqt { queries: self.queries.set_require_grad(false), head: vqt_head(f, c, &device), selection: None, lasso: lambda, ..self }
+    }
+
+    /// Stage B ("featselect"): keeps the `int(F·keep)` features with the largest stage-A row
+    /// norms (highest first) and trains a fresh head on them, without penalty.
+    pub fn into_featselect_stage(self, keep: f64) -> Result<Self, String> {
+        if self.selection.is_some() {
+            return Err("feature selection was already applied".into());
+        }
+        let [_, c] = self.head.weight.dims();
+        let ids = select_top(&feature_scores(self.head.weight.val()), keep)?;
+        let device = self.queries.device();
+        let head = vqt_head(ids.len(), c, &device);
+        Ok(Vqt { queries: self.queries.set_require_grad(false), head, selection: Some(ids), lasso: 0.0, ..self })
     }
 }

@@ -1,0 +1,283 @@
+//! Memory and speed of one training step per method, each measured in its own process.
+//!
+//! `vqt-bench step` (one method, this process) builds the model, runs warm-up steps, then timed
+//! steps (forward, backward, optimizer), and prints one JSON line. `vqt-bench memory` spawns one
+//! `step` child per method, so process-lifetime peaks (VmHWM) never mix, and writes a JSON file
+//! and a markdown table with ratios to full fine-tuning.
+
+use burn::module::Module;
+use burn::nn::LinearConfig;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+use vqt_models::cache::{CacheDtype, CacheKind, FeatureCache};
+use vqt_models::query::{SynqtConfig, VqtConfig};
+use vqt_models::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel, VitConfig};
+
+/// Methods `step` can measure.
+pub const METHODS: [&str; 5] = ["linear", "vqt", "synqt", "vqt-cached", "full-ft"];
+
+/// What one `step` run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepReport {
+    /// Method name.
+    pub method: String,
+    /// Backend name.
+    pub backend: String,
+    /// Backbone description.
+    pub backbone: String,
+    /// Input size.
+    pub img_size: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// All parameters.
+    pub total_params: usize,
+    /// Median training-step time (ms), warm-up excluded.
+    pub step_ms_median: f64,
+    /// Training images per second at the median step time.
+    pub train_images_per_s: f64,
+    /// Resident memory after the model was built and the data generated (bytes, CPU backends).
+    pub rss_baseline_bytes: Option<u64>,
+    /// Process peak resident memory at the end (VmHWM, bytes, CPU backends).
+    pub rss_peak_bytes: Option<u64>,
+    /// Peak minus baseline: what training added (bytes).
+    pub rss_train_bytes: Option<u64>,
+    /// Device memory pool: max bytes in use sampled after forward and backward (GPU backends).
+    pub device_peak_bytes: Option<u64>,
+    /// For `vqt-cached`: time to build the cache for `batch·steps` images, i.e. one trunk
+    /// inference pass over them (ms).
+    pub cache_build_ms: Option<f64>,
+    /// For `vqt-cached`: 100 epochs from the cache divided by one inference pass.
+    pub cache_100_epochs_over_inference: Option<f64>,
+    /// For `vqt-cached`: images in the cache.
+    pub cache_images: Option<usize>,
+    /// 1-minute load average at the end (timings on a shared machine swing with load).
+    pub load_avg: Option<f64>,
+}
+
+/// Reads a `/proc/self/status` field in bytes (`VmRSS`, `VmHWM`); None off Linux.
+pub fn proc_status_bytes(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn load_avg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn pool_bytes(device: &Device) -> Option<u64> {
+    device.sync().ok()?;
+    device.memory_pool_usage().map(|u| u.bytes_in_use)
+}
+
+/// Touches every parameter so lazily initialised weights exist before the baseline is read.
+fn materialize<M: Module>(m: &M) {
+    struct Touch;
+    impl burn::module::ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    m.visit(&mut Touch);
+    for d in m.devices() {
+        let _ = d.sync();
+    }
+}
+
+/// Options of one measurement.
+#[derive(Debug, Clone)]
+pub struct StepOptions {
+    /// Backbone shape (random weights: memory and time do not depend on values).
+    pub vit: VitConfig,
+    /// Backbone description for the report.
+    pub backbone: String,
+    /// Batch size.
+    pub batch: usize,
+    /// Classes of the head.
+    pub classes: usize,
+    /// Warm-up steps (not timed).
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Backend name for the report.
+    pub backend: String,
+}
+
+/// Measures `method` in this process.
+pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepReport, String> {
+    let plain = device.clone().without_autodiff();
+    let ad = plain.clone().autodiff();
+    plain.seed(0);
+    let (b, c) = (o.batch, o.classes);
+    let img = o.vit.img_size;
+    let images: Vec<Tensor<4>> = (0..o.warmup + o.steps)
+        .map(|_| Tensor::random([b, 3, img, img], Distribution::Normal(0.0, 1.0), &plain))
+        .collect();
+    let labels: Vec<i64> = (0..b as i64).map(|i| i % c as i64).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [b]), &ad);
+    let mut times = Vec::new();
+    let mut device_peak: Option<u64> = None;
+    let sample = |device_peak: &mut Option<u64>| {
+        if let Some(u) = pool_bytes(&plain) {
+            *device_peak = Some(device_peak.map_or(u, |p| p.max(u)));
+        }
+    };
+    let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(1e-2).init();
+    let (trainable, total, baseline, cache_build_ms, cache_ratio);
+    let cache_images = (method == "vqt-cached").then_some(b * images.len());
+    if method == "full-ft" {
+        let mut vit = o.vit.clone().with_num_classes(c).init(&ad);
+        trainable = vit.num_params();
+        total = trainable;
+        materialize(&vit);
+        baseline = proc_status_bytes("VmRSS");
+        for (i, x) in images.iter().enumerate() {
+            let t0 = Instant::now();
+            let logits = vit.forward(x.clone().to_device(&ad));
+            let loss = CrossEntropyLossConfig::new().init(&ad).forward(logits, targets.clone());
+            sample(&mut device_peak);
+            let grads = GradientsParams::from_grads(loss.backward(), &vit);
+            sample(&mut device_peak);
+            vit = optim.step(1e-4, vit, grads);
+            plain.sync().map_err(|e| e.to_string())?;
+            if i >= o.warmup {
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        cache_build_ms = None;
+        cache_ratio = None;
+    } else {
+        let vit = o.vit.clone().init(&plain);
+        let (d, depth, p) = (vit.embed_dim(), vit.depth(), o.vit.patch_size);
+        let m = match method {
+            "linear" => QueryMethod::Linear(LinearConfig::new(d, c).init(&ad)),
+            "vqt" | "vqt-cached" => QueryMethod::Vqt(VqtConfig { num_queries: 1, query_dropout: 0.1 }.init(depth, d, p, c, &ad)),
+            "synqt" => QueryMethod::Synqt(
+                SynqtConfig { num_tokens: 1, feat_scale: 0.1, attn_scale: 0.1, ffn_scale: 0.1, dropout: 0.1, head_drop_path: 0.3, kem_drop_path: 0.0 }
+                    .init(&vit, c, &ad),
+            ),
+            other => return Err(format!("unknown method `{other}` (known: {})", METHODS.join(", "))),
+        };
+        let mut model = TrunkModel::new(vit, m);
+        trainable = model.num_trainable();
+        total = model.num_params();
+        materialize(&model);
+        let cache = if method == "vqt-cached" {
+            let t0 = Instant::now();
+            let c = FeatureCache::build(&model.backbone, images.iter().cloned(), CacheKind::Kv, CacheDtype::F32, |_| {});
+            plain.sync().map_err(|e| e.to_string())?;
+            Some((c, t0.elapsed().as_secs_f64() * 1e3))
+        } else {
+            None
+        };
+        baseline = proc_status_bytes("VmRSS");
+        for (i, x) in images.iter().enumerate() {
+            let t0 = Instant::now();
+            let input = match &cache {
+                Some((c, _)) => TrunkInput::Cached(c.batch(&model.backbone, &(i * b..(i + 1) * b).collect::<Vec<_>>(), &ad)),
+                None => TrunkInput::Images(x.clone()),
+            };
+            let out = model.forward_classification(TrunkBatch { input, targets: targets.clone() });
+            sample(&mut device_peak);
+            let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+            sample(&mut device_peak);
+            model = optim.step(1e-3, model, grads);
+            plain.sync().map_err(|e| e.to_string())?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            if i >= o.warmup {
+                times.push(ms);
+            }
+        }
+        cache_build_ms = cache.as_ref().map(|(_, ms)| *ms);
+        // One epoch = one step per cached batch, at the median step time.
+        cache_ratio = cache.as_ref().map(|(_, build)| 100.0 * median(times.clone()) * images.len() as f64 / build);
+    }
+    let step_ms = median(times);
+    let peak = proc_status_bytes("VmHWM");
+    Ok(StepReport {
+        method: method.into(),
+        backend: o.backend.clone(),
+        backbone: o.backbone.clone(),
+        img_size: img,
+        batch: b,
+        trainable_params: trainable,
+        total_params: total,
+        step_ms_median: step_ms,
+        train_images_per_s: b as f64 / (step_ms / 1e3),
+        rss_baseline_bytes: baseline,
+        rss_peak_bytes: peak,
+        rss_train_bytes: match (peak, baseline) {
+            (Some(p), Some(b)) => Some(p.saturating_sub(b)),
+            _ => None,
+        },
+        device_peak_bytes: device_peak,
+        cache_build_ms,
+        cache_100_epochs_over_inference: cache_ratio,
+        cache_images,
+        load_avg: load_avg(),
+    })
+}
+
+fn mib(b: Option<u64>) -> String {
+    b.map(|b| format!("{:.0}", b as f64 / (1024.0 * 1024.0))).unwrap_or_else(|| "–".into())
+}
+
+/// Markdown table of reports, with memory and time ratios to `full-ft` when present.
+pub fn markdown(reports: &[StepReport]) -> String {
+    let full = reports.iter().find(|r| r.method == "full-ft");
+    let mem = |r: &StepReport| r.device_peak_bytes.or(r.rss_train_bytes);
+    let mut s = String::new();
+    if let Some(r) = reports.first() {
+        s += &format!(
+            "Backbone {} at {}px, batch {}, backend `{}`; median of timed steps after warm-up; memory = {}.\n\n",
+            r.backbone,
+            r.img_size,
+            r.batch,
+            r.backend,
+            if r.device_peak_bytes.is_some() { "device pool peak" } else { "process peak RSS (VmHWM) minus RSS after model build, glibc malloc" }
+        );
+    }
+    s += "| method | trainable params | step ms | img/s | train memory MiB | memory / full FT | time / full FT |\n|---|---:|---:|---:|---:|---:|---:|\n";
+    for r in reports {
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "–".into(),
+        };
+        let mem_ratio = ratio(mem(r).map(|x| x as f64), full.and_then(|f| mem(f)).map(|x| x as f64));
+        let time_ratio = ratio(Some(r.step_ms_median), full.map(|f| f.step_ms_median));
+        s += &format!(
+            "| {} | {} | {:.1} | {:.1} | {} | {} | {} |\n",
+            r.method,
+            r.trainable_params,
+            r.step_ms_median,
+            r.train_images_per_s,
+            mib(mem(r)),
+            mem_ratio,
+            time_ratio
+        );
+    }
+    for r in reports.iter().filter(|r| r.cache_100_epochs_over_inference.is_some()) {
+        s += &format!(
+            "\nFeature cache ({}): building it (one trunk inference pass over {} images) took {:.0} ms; 100 epochs of VQT from it cost {:.2}x that pass.\n",
+            r.method,
+            r.cache_images.unwrap_or(0),
+            r.cache_build_ms.unwrap_or(f64::NAN),
+            r.cache_100_epochs_over_inference.unwrap()
+        );
+    }
+    if let Some(l) = reports.iter().filter_map(|r| r.load_avg).reduce(f64::max) {
+        s += &format!("\nMax 1-minute load average during the runs: {l:.2} (timings swing with load on a shared machine).\n");
+    }
+    s
+}
