@@ -55,6 +55,9 @@ pub struct StepReport {
     pub cache_100_epochs_over_inference: Option<f64>,
     /// For `vqt-cached`: images in the cache.
     pub cache_images: Option<usize>,
+    /// For `vqt-cached`: host bytes the cache holds (not part of `rss_train_bytes`, which starts
+    /// after the cache is built).
+    pub cache_bytes: Option<usize>,
     /// 1-minute load average at the end (timings on a shared machine swing with load).
     pub load_avg: Option<f64>,
 }
@@ -134,7 +137,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         }
     };
     let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(1e-2).init();
-    let (trainable, total, baseline, cache_build_ms, cache_ratio);
+    let (trainable, total, baseline, cache_build_ms, cache_ratio, cache_bytes);
     let cache_images = (method == "vqt-cached").then_some(b * images.len());
     if method == "full-ft" {
         let mut vit = o.vit.clone().with_num_classes(c).init(&ad);
@@ -157,6 +160,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         }
         cache_build_ms = None;
         cache_ratio = None;
+        cache_bytes = None;
     } else {
         let vit = o.vit.clone().init(&plain);
         let (d, depth, p) = (vit.embed_dim(), vit.depth(), o.vit.patch_size);
@@ -200,6 +204,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
             }
         }
         cache_build_ms = cache.as_ref().map(|(_, ms)| *ms);
+        cache_bytes = cache.as_ref().map(|(c, _)| c.bytes());
         // One epoch = one step per cached batch, at the median step time.
         cache_ratio = cache.as_ref().map(|(_, build)| 100.0 * median(times.clone()) * images.len() as f64 / build);
     }
@@ -225,6 +230,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         cache_build_ms,
         cache_100_epochs_over_inference: cache_ratio,
         cache_images,
+        cache_bytes,
         load_avg: load_avg(),
     })
 }
@@ -269,8 +275,9 @@ pub fn markdown(reports: &[StepReport]) -> String {
     }
     for r in reports.iter().filter(|r| r.cache_100_epochs_over_inference.is_some()) {
         s += &format!(
-            "\nFeature cache ({}): building it (one trunk inference pass over {} images) took {:.0} ms; 100 epochs of VQT from it cost {:.2}x that pass.\n",
+            "\nFeature cache ({}): {} MiB of K/V for {} images, held in RAM (not in the train-memory column). Building it (one trunk inference pass) took {:.0} ms; 100 epochs of VQT from it cost {:.2}x that pass.\n",
             r.method,
+            mib(r.cache_bytes.map(|b| b as u64)),
             r.cache_images.unwrap_or(0),
             r.cache_build_ms.unwrap_or(f64::NAN),
             r.cache_100_epochs_over_inference.unwrap()

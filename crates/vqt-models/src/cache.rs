@@ -80,13 +80,19 @@ pub struct FeatureCache {
     heads: usize,
     tokens: usize,
     dim: usize,
-    /// Per layer: `[len, 2, N, D]` (kv, heads merged) or `[len, N, D]` (hidden).
+    /// Per layer: keys `[len, H, N, Dh]` (kv) or hidden states `[len, N, D]` (hidden).
     layers: Vec<Store>,
+    /// Per layer: values `[len, H, N, Dh]` (kv only; empty for hidden).
+    values: Vec<Store>,
     /// `[len, D]`.
     cls: Store,
 }
 
 fn host(t: Tensor<3>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data")
+}
+
+fn host4(t: Tensor<4>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data")
 }
 
@@ -111,6 +117,7 @@ impl FeatureCache {
             tokens,
             dim,
             layers: (0..depth).map(|_| Store::new(dtype)).collect(),
+            values: (0..if kind == CacheKind::Kv { depth } else { 0 }).map(|_| Store::new(dtype)).collect(),
             cls: Store::new(dtype),
         };
         for images in batches {
@@ -124,12 +131,11 @@ impl FeatureCache {
                         z = block.forward(z);
                     }
                     CacheKind::Kv => {
+                        // Stored in the [B, H, N, Dh] layout attention reads, so a batch is
+                        // one contiguous upload per tensor.
                         let (next, k, v) = block.forward_kv(z);
-                        // [B, H, N, Dh] -> [B, N, D] (heads merged), then K and V per image.
-                        let k = crate::vit::merge_heads(k);
-                        let v = crate::vit::merge_heads(v);
-                        let kv = Tensor::cat(vec![k.unsqueeze_dim::<4>(1), v.unsqueeze_dim::<4>(1)], 1);
-                        cache.layers[m].extend(&host(kv.reshape([b, 2 * tokens, dim])));
+                        cache.layers[m].extend(&host4(k));
+                        cache.values[m].extend(&host4(v));
                         z = next;
                     }
                 }
@@ -163,7 +169,7 @@ impl FeatureCache {
 
     /// Host bytes held.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(Store::bytes).sum::<usize>() + self.cls.bytes()
+        self.layers.iter().chain(&self.values).map(Store::bytes).sum::<usize>() + self.cls.bytes()
     }
 
     /// The trunk outputs of dataset rows `rows`, as plain (non-autodiff) tensors on `device`.
@@ -172,19 +178,18 @@ impl FeatureCache {
         assert!(rows.iter().all(|&r| r < self.len), "cache row out of range");
         let device = device.clone().without_autodiff();
         let (b, n, d, h) = (rows.len(), self.tokens, self.dim, self.heads);
+        let upload = |store: &Store| {
+            let mut buf = Vec::with_capacity(b * n * d);
+            store.gather(rows, n * d, &mut buf);
+            Tensor::<4>::from_data(TensorData::new(buf, [b, h, n, d / h]), &device)
+        };
         let kv = self
             .layers
             .iter()
+            .enumerate()
             .zip(&vit.blocks)
-            .map(|(store, block)| match self.kind {
-                CacheKind::Kv => {
-                    let mut buf = Vec::with_capacity(b * 2 * n * d);
-                    store.gather(rows, 2 * n * d, &mut buf);
-                    let t = Tensor::<4>::from_data(TensorData::new(buf, [b, 2, n, d]), &device);
-                    let k = t.clone().narrow(1, 0, 1).reshape([b, n, d]);
-                    let v = t.narrow(1, 1, 1).reshape([b, n, d]);
-                    (crate::vit::split_heads(k, h), crate::vit::split_heads(v, h))
-                }
+            .map(|((m, store), block)| match self.kind {
+                CacheKind::Kv => (upload(store), upload(&self.values[m])),
                 CacheKind::Hidden => {
                     let mut buf = Vec::with_capacity(b * n * d);
                     store.gather(rows, n * d, &mut buf);

@@ -6,7 +6,7 @@
 //! ([`TrunkInput::Cached`]): both give the same logits, so the cache changes nothing but time.
 
 use crate::query::{Synqt, Vqt};
-use crate::vit::{TrunkKv, Vit};
+use crate::vit::{TrunkKv, TrunkNoise, Vit};
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -77,18 +77,34 @@ pub struct TrunkModel {
     pub backbone: Vit,
     /// The trainable method.
     pub method: QueryMethod,
+    /// Trunk randomness applied in training steps only (faithful mode); off by default.
+    pub noise: TrunkNoise,
 }
 
 impl TrunkModel {
     /// Freezes `backbone` (no gradients, no dropout) and pairs it with `method`.
     pub fn new(backbone: Vit, method: QueryMethod) -> Self {
-        Self { backbone: backbone.freeze(), method }
+        Self { backbone: backbone.freeze(), method, noise: TrunkNoise::default() }
     }
 
-    /// The trunk's outputs for this input, as constants for the query side.
+    /// The same model with training-time trunk randomness (faithful mode).
+    pub fn with_noise(mut self, noise: TrunkNoise) -> Self {
+        self.noise = noise;
+        self
+    }
+
+    /// The trunk's outputs for this input, as constants for the query side (deterministic).
     pub fn trunk(&self, input: TrunkInput) -> TrunkKv {
+        self.trunk_with(input, TrunkNoise::default())
+    }
+
+    /// The trunk's outputs with the given trunk randomness. Cached inputs are only valid for a
+    /// deterministic trunk: asking for noise on them is a programming error (configs reject
+    /// `cache != off` with faithful mode before any model is built).
+    pub fn trunk_with(&self, input: TrunkInput, noise: TrunkNoise) -> TrunkKv {
         match input {
-            TrunkInput::Images(x) => self.backbone.forward_kv(x.without_autodiff()),
+            TrunkInput::Images(x) => self.backbone.forward_kv_noisy(x.without_autodiff(), noise),
+            TrunkInput::Cached(_) if !noise.is_off() => panic!("the feature cache needs a deterministic trunk (faithful mode is on)"),
             TrunkInput::Cached(t) => TrunkKv {
                 kv: t.kv.into_iter().map(|(k, v)| (k.without_autodiff(), v.without_autodiff())).collect(),
                 cls: t.cls.without_autodiff(),
@@ -96,15 +112,26 @@ impl TrunkModel {
         }
     }
 
-    /// Logits for a batch input.
+    /// Logits for a batch input (deterministic trunk).
     pub fn forward(&self, input: TrunkInput) -> Tensor<2> {
         let trunk = self.trunk(input);
         self.method.forward(&self.backbone, &trunk)
     }
 
-    /// Logits, mean cross-entropy (plus the method's penalty, if any) and targets.
+    /// Logits, mean cross-entropy (plus the method's penalty, if any) and targets, with a
+    /// deterministic trunk (evaluation).
     pub fn forward_classification(&self, batch: TrunkBatch) -> ClassificationOutput {
-        let logits = self.forward(batch.input);
+        self.classification(batch, TrunkNoise::default())
+    }
+
+    /// As [`TrunkModel::forward_classification`], with this model's training-time trunk noise.
+    pub fn forward_training(&self, batch: TrunkBatch) -> ClassificationOutput {
+        self.classification(batch, self.noise.clone())
+    }
+
+    fn classification(&self, batch: TrunkBatch, noise: TrunkNoise) -> ClassificationOutput {
+        let trunk = self.trunk_with(batch.input, noise);
+        let logits = self.method.forward(&self.backbone, &trunk);
         let targets = batch.targets.to_device(&logits.device());
         let mut loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), targets.clone());
         if let Some(p) = self.method.penalty() {
@@ -124,7 +151,7 @@ impl TrainStep for TrunkModel {
     type Output = ClassificationOutput;
 
     fn step(&self, batch: TrunkBatch) -> TrainOutput<ClassificationOutput> {
-        let out = self.forward_classification(batch);
+        let out = self.forward_training(batch);
         TrainOutput::new(self, out.loss.backward(), out)
     }
 }

@@ -192,3 +192,36 @@ fn cache_sizes_match_the_arithmetic() {
     assert_eq!(kv.bytes(), 5 * (3 * 2 * n_tok * 24 + 24) * 4);
     assert_eq!(hidden.bytes(), 5 * (3 * n_tok * 24 + 24) * 2);
 }
+
+#[test]
+fn faithful_trunk_noise_is_random_in_training_only_and_stays_off_the_tape() {
+    use vqt_models::vit::TrunkNoise;
+    let plain = Device::flex();
+    let ad = plain.clone().autodiff();
+    plain.seed(11);
+    let vit = tiny().init(&plain);
+    let x = images(&plain, 4, 12);
+    let clean = vit.forward_kv(x.clone());
+    let off = vit.forward_kv_noisy(x.clone(), TrunkNoise::default());
+    assert!(HostTensor::from_tensor(off.cls) == HostTensor::from_tensor(clean.cls.clone()));
+    let noise = TrunkNoise { embed_dropout: 0.1, drop_path: 0.5 };
+    let a = vit.forward_kv_noisy(x.clone(), noise.clone());
+    let b = vit.forward_kv_noisy(x.clone(), noise.clone());
+    let (ha, hb) = (HostTensor::from_tensor(a.cls.clone()), HostTensor::from_tensor(b.cls));
+    assert!(ha != hb, "two noisy trunk passes were identical");
+    assert!(ha != HostTensor::from_tensor(clean.cls), "noise had no effect");
+    assert!(!a.kv[2].0.device().is_autodiff());
+
+    let vqt = VqtConfig { num_queries: 1, query_dropout: 0.0 }.init(vit.depth(), vit.embed_dim(), 4, CLASSES, &ad);
+    let model = TrunkModel::new(vit, QueryMethod::Vqt(vqt)).with_noise(noise);
+    let batch = || TrunkBatch { input: TrunkInput::Images(x.clone()), targets: targets(4, &ad) };
+    // Evaluation ignores the noise: deterministic.
+    let e1 = model.forward_classification(batch()).loss.into_scalar::<f32>();
+    let e2 = model.forward_classification(batch()).loss.into_scalar::<f32>();
+    assert_eq!(e1, e2);
+    // Training uses it, and the backbone still gets no gradient.
+    let t = model.forward_training(batch());
+    let mut grads = t.loss.backward();
+    assert_eq!(GradientsParams::from_module(&mut grads, &model.backbone).len(), 0);
+    assert_eq!(GradientsParams::from_module(&mut grads, &model.method).len(), 3);
+}

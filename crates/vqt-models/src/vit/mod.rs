@@ -13,5 +13,5 @@ pub use attention::{Attention, merge_heads, split_heads};
 pub use block::{Block, LayerScale, Mlp};
 pub use config::{VitConfig, VitPreset};
 pub use load::{LoadError, LoadReport};
-pub use model::{TrunkKv, Vit, VitTrace};
+pub use model::{TrunkKv, TrunkNoise, Vit, VitTrace};
 pub use patch_embed::PatchEmbed;

@@ -42,6 +42,36 @@ pub struct TrunkKv {
     pub cls: Tensor<2>,
 }
 
+/// Randomness inside the frozen trunk, for reproducing the official recipes ("faithful" mode,
+/// methods.md §8). Applied only in training, on non-autodiff tensors, so the trunk stays off the
+/// tape; any non-zero value makes the trunk differ every step, which rules out the feature cache.
+#[derive(Module, Debug, Default, PartialEq)]
+pub struct TrunkNoise {
+    /// Dropout on the embedded tokens (CLS + patches + pos); the official VQT code leaves it
+    /// active at 0.1.
+    pub embed_dropout: f64,
+    /// Maximum stochastic depth on the trunk's residual branches, linearly spaced over the blocks
+    /// (`r_max·i/(L−1)`); the official SynQT recipe uses 0.1.
+    pub drop_path: f64,
+}
+
+impl TrunkNoise {
+    /// True when the trunk is deterministic (the feature cache is valid).
+    pub fn is_off(&self) -> bool {
+        self.embed_dropout == 0.0 && self.drop_path == 0.0
+    }
+}
+
+/// `x ⊙ Bernoulli(1−p) / (1−p)` with the mask shape `mask_shape` (broadcast over x).
+fn random_keep<const D: usize>(x: Tensor<D>, p: f64, mask_shape: [usize; D]) -> Tensor<D> {
+    if p <= 0.0 {
+        return x;
+    }
+    let keep = 1.0 - p;
+    let mask = Tensor::<D>::random(mask_shape, burn::tensor::Distribution::Bernoulli(keep), &x.device());
+    x * mask.mul_scalar(1.0 / keep)
+}
+
 impl VitConfig {
     /// A randomly initialised ViT (timm-like inits: trunc-normal-ish position/class tokens,
     /// PyTorch default Linear/conv inits). Real use loads a checkpoint over it.
@@ -149,6 +179,32 @@ impl Vit {
             let (next, k, v) = b.forward_kv(z);
             kv.push((k, v));
             z = next;
+        }
+        TrunkKv { kv, cls: self.pool(z) }
+    }
+
+    /// [`Vit::forward_kv`] with training-time trunk randomness (embedding dropout, per-sample
+    /// drop-path on each block's two residual branches). Identical to `forward_kv` when
+    /// `noise.is_off()`.
+    pub fn forward_kv_noisy(&self, images: Tensor<4>, noise: TrunkNoise) -> TrunkKv {
+        if noise.is_off() {
+            return self.forward_kv(images);
+        }
+        let z = self.embed(images);
+        let [b, n, d] = z.dims();
+        let mut z = random_keep(z, noise.embed_dropout, [b, n, d]);
+        let depth = self.blocks.len();
+        let mut kv = Vec::with_capacity(depth);
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let rate = if depth > 1 { noise.drop_path * i as f64 / (depth - 1) as f64 } else { 0.0 };
+            let (o, k, v) = blk.attn.forward_kv(blk.norm1.forward(z.clone()));
+            let o = match &blk.ls1 {
+                Some(ls) => ls.forward(o),
+                None => o,
+            };
+            z = z + random_keep(o, rate, [b, 1, 1]);
+            z = z.clone() + random_keep(blk.mlp_branch(z), rate, [b, 1, 1]);
+            kv.push((k, v));
         }
         TrunkKv { kv, cls: self.pool(z) }
     }
