@@ -32,10 +32,12 @@ pub enum CacheDtype {
     F16,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Store {
     F32(Vec<f32>),
     F16(Vec<half::f16>),
+    /// A section of a memory-mapped cache file: `elems` values of `dtype` at byte `offset`.
+    Mapped { map: std::sync::Arc<memmap2::Mmap>, offset: usize, elems: usize, dtype: CacheDtype },
 }
 
 impl Store {
@@ -50,6 +52,18 @@ impl Store {
         match self {
             Store::F32(v) => v.extend_from_slice(values),
             Store::F16(v) => v.extend(values.iter().map(|&x| half::f16::from_f32(x))),
+            Store::Mapped { .. } => unreachable!("mapped caches are read-only"),
+        }
+    }
+
+    fn raw_bytes(&self) -> &[u8] {
+        match self {
+            Store::F32(v) => bytemuck_f32(v),
+            Store::F16(v) => {
+                // SAFETY: f16 is a plain 2-byte value type with no padding.
+                unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 2) }
+            }
+            Store::Mapped { map, offset, elems, dtype } => &map[*offset..*offset + elems * dtype.size()],
         }
     }
 
@@ -59,6 +73,13 @@ impl Store {
             match self {
                 Store::F32(v) => out.extend_from_slice(&v[range]),
                 Store::F16(v) => out.extend(v[range].iter().map(|x| x.to_f32())),
+                Store::Mapped { map, offset, dtype, .. } => {
+                    let bytes = &map[offset + range.start * dtype.size()..offset + range.end * dtype.size()];
+                    match dtype {
+                        CacheDtype::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+                        CacheDtype::F16 => out.extend(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
+                    }
+                }
             }
         }
     }
@@ -67,11 +88,73 @@ impl Store {
         match self {
             Store::F32(v) => v.len() * 4,
             Store::F16(v) => v.len() * 2,
+            Store::Mapped { elems, dtype, .. } => elems * dtype.size(),
         }
     }
 }
 
-/// Trunk outputs of a whole dataset, in host memory, indexed by dataset position.
+fn bytemuck_f32(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) }
+}
+
+impl CacheDtype {
+    /// Bytes per stored value.
+    pub fn size(self) -> usize {
+        match self {
+            CacheDtype::F32 => 4,
+            CacheDtype::F16 => 2,
+        }
+    }
+}
+
+/// Why a cache file could not be written or used.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// I/O failure on the file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Not a cache file, or a damaged one.
+    #[error("{path}: not a vqt-rs feature cache: {msg}")]
+    Format {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A valid cache built for other inputs (checkpoint, preprocessing, size, dtype).
+    #[error("{path}: cache was built for `{found}`, this run needs `{expected}`: delete it or pass another path to rebuild")]
+    KeyMismatch {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The key in the file.
+        found: String,
+        /// The key of this run.
+        expected: String,
+    },
+}
+
+const MAGIC: &[u8; 10] = b"VQTCACHE1\n";
+
+#[derive(Serialize, Deserialize)]
+struct FileHeader {
+    key: String,
+    kind: CacheKind,
+    dtype: CacheDtype,
+    len: usize,
+    heads: usize,
+    tokens: usize,
+    dim: usize,
+    depth: usize,
+}
+
+/// Trunk outputs of a whole dataset, in host memory or a memory-mapped file, indexed by dataset
+/// position.
 #[derive(Debug)]
 pub struct FeatureCache {
     kind: CacheKind,
@@ -170,6 +253,90 @@ impl FeatureCache {
     /// Host bytes held.
     pub fn bytes(&self) -> usize {
         self.layers.iter().chain(&self.values).map(Store::bytes).sum::<usize>() + self.cls.bytes()
+    }
+
+    /// Writes the cache to `path` (temp file + rename, so a crash never leaves a file that looks
+    /// valid). `key` identifies what it was built from: checkpoint sha256, image ids,
+    /// preprocessing preset, resize method, input size; [`FeatureCache::open`] checks it.
+    pub fn save(&self, path: &std::path::Path, key: &str) -> Result<(), CacheError> {
+        use std::io::Write;
+        let io = |source| CacheError::Io { path: path.to_path_buf(), source };
+        let header = FileHeader {
+            key: key.to_string(),
+            kind: self.kind,
+            dtype: self.dtype,
+            len: self.len,
+            heads: self.heads,
+            tokens: self.tokens,
+            dim: self.dim,
+            depth: self.layers.len(),
+        };
+        let header = serde_json::to_vec(&header).expect("header serialises");
+        let tmp = path.with_extension("partial");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        f.write_all(MAGIC).map_err(io)?;
+        f.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+        f.write_all(&header).map_err(io)?;
+        let mut written = MAGIC.len() + 8 + header.len();
+        for store in self.layers.iter().chain(&self.values).chain(std::iter::once(&self.cls)) {
+            let pad = (64 - written % 64) % 64; // 64-byte aligned sections
+            f.write_all(&vec![0u8; pad]).map_err(io)?;
+            f.write_all(store.raw_bytes()).map_err(io)?;
+            written += pad + store.bytes();
+        }
+        f.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Memory-maps a cache written by [`FeatureCache::save`]; fails if its key differs from
+    /// `key` or the file is damaged. Pages are read on demand, so the cache may exceed RAM.
+    pub fn open(path: &std::path::Path, key: &str) -> Result<Self, CacheError> {
+        let fmt = |msg: String| CacheError::Format { path: path.to_path_buf(), msg };
+        let file = std::fs::File::open(path).map_err(|source| CacheError::Io { path: path.to_path_buf(), source })?;
+        // SAFETY: the file is only read; vqt-rs never modifies a cache file in place (it writes
+        // a new file and renames it).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| CacheError::Io { path: path.to_path_buf(), source })?;
+        if map.len() < MAGIC.len() + 8 || &map[..MAGIC.len()] != MAGIC {
+            return Err(fmt("bad magic".into()));
+        }
+        let hlen = u64::from_le_bytes(map[MAGIC.len()..MAGIC.len() + 8].try_into().unwrap()) as usize;
+        let hstart = MAGIC.len() + 8;
+        let header: FileHeader = map
+            .get(hstart..hstart + hlen)
+            .ok_or_else(|| fmt("truncated header".into()))
+            .and_then(|h| serde_json::from_slice(h).map_err(|e| fmt(format!("bad header: {e}"))))?;
+        if header.key != key {
+            return Err(CacheError::KeyMismatch { path: path.to_path_buf(), found: header.key, expected: key.to_string() });
+        }
+        let map = std::sync::Arc::new(map);
+        // Keys, values ([len, H, N, Dh]) and hidden states ([len, N, D]) all hold len·N·D values.
+        let per_layer = header.len * header.tokens * header.dim;
+        let n_values = if header.kind == CacheKind::Kv { header.depth } else { 0 };
+        let mut offset = hstart + hlen;
+        let mut section = |elems: usize| -> Result<Store, CacheError> {
+            offset += (64 - offset % 64) % 64;
+            let end = offset + elems * header.dtype.size();
+            if end > map.len() {
+                return Err(fmt(format!("truncated: needs {end} bytes, has {}", map.len())));
+            }
+            let s = Store::Mapped { map: map.clone(), offset, elems, dtype: header.dtype };
+            offset = end;
+            Ok(s)
+        };
+        let layers = (0..header.depth).map(|_| section(per_layer)).collect::<Result<Vec<_>, _>>()?;
+        let values = (0..n_values).map(|_| section(per_layer)).collect::<Result<Vec<_>, _>>()?;
+        let cls = section(header.len * header.dim)?;
+        Ok(FeatureCache {
+            kind: header.kind,
+            dtype: header.dtype,
+            len: header.len,
+            heads: header.heads,
+            tokens: header.tokens,
+            dim: header.dim,
+            layers,
+            values,
+            cls,
+        })
     }
 
     /// The trunk outputs of dataset rows `rows`, as plain (non-autodiff) tensors on `device`.

@@ -225,3 +225,38 @@ fn faithful_trunk_noise_is_random_in_training_only_and_stays_off_the_tape() {
     assert_eq!(GradientsParams::from_module(&mut grads, &model.backbone).len(), 0);
     assert_eq!(GradientsParams::from_module(&mut grads, &model.method).len(), 3);
 }
+
+#[test]
+fn cache_file_round_trip_and_errors() {
+    let plain = Device::flex();
+    plain.seed(21);
+    let vit = tiny().init(&plain);
+    let data = images(&plain, 6, 22);
+    let dir = std::env::temp_dir().join(format!("vqt-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (kind, dtype) in [(CacheKind::Kv, CacheDtype::F32), (CacheKind::Hidden, CacheDtype::F16)] {
+        let mem = FeatureCache::build(&vit, [data.clone()], kind, dtype, |_| {});
+        let path = dir.join(format!("{kind:?}-{dtype:?}.cache"));
+        mem.save(&path, "ckpt=abc;img=16;imagenet").unwrap();
+        assert!(!path.with_extension("partial").exists());
+        let mapped = FeatureCache::open(&path, "ckpt=abc;img=16;imagenet").unwrap();
+        assert_eq!((mapped.len(), mapped.bytes(), mapped.kind(), mapped.dtype()), (6, mem.bytes(), kind, dtype));
+        let rows = [5, 0, 3];
+        let (a, b) = (mem.batch(&vit, &rows, &plain), mapped.batch(&vit, &rows, &plain));
+        assert!(HostTensor::from_tensor(a.cls) == HostTensor::from_tensor(b.cls));
+        for ((ka, va), (kb, vb)) in a.kv.into_iter().zip(b.kv) {
+            assert!(HostTensor::from_tensor(ka) == HostTensor::from_tensor(kb));
+            assert!(HostTensor::from_tensor(va) == HostTensor::from_tensor(vb));
+        }
+        let e = FeatureCache::open(&path, "ckpt=def;img=16;imagenet").unwrap_err().to_string();
+        assert!(e.contains("cache was built for `ckpt=abc;img=16;imagenet`, this run needs `ckpt=def;img=16;imagenet`"), "{e}");
+        let bytes = std::fs::read(&path).unwrap();
+        let cut = dir.join("cut.cache");
+        std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+        let e = FeatureCache::open(&cut, "ckpt=abc;img=16;imagenet").unwrap_err().to_string();
+        assert!(e.contains("cut.cache: not a vqt-rs feature cache: truncated"), "{e}");
+    }
+    let junk = dir.join("junk.cache");
+    std::fs::write(&junk, b"hello world, not a cache").unwrap();
+    assert!(FeatureCache::open(&junk, "k").unwrap_err().to_string().contains("bad magic"));
+}
