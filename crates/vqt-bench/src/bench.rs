@@ -53,6 +53,8 @@ pub struct StepReport {
     pub cache_build_ms: Option<f64>,
     /// For `vqt-cached`: 100 epochs from the cache divided by one inference pass.
     pub cache_100_epochs_over_inference: Option<f64>,
+    /// For `vqt-cached`: storage dtype of the cache.
+    pub cache_dtype: Option<CacheDtype>,
     /// For `vqt-cached`: images in the cache.
     pub cache_images: Option<usize>,
     /// For `vqt-cached`: host bytes the cache holds (not part of `rss_train_bytes`, which starts
@@ -115,6 +117,8 @@ pub struct StepOptions {
     pub steps: usize,
     /// Backend name for the report.
     pub backend: String,
+    /// Storage of the `vqt-cached` feature cache.
+    pub cache_dtype: CacheDtype,
 }
 
 /// Measures `method` in this process.
@@ -179,7 +183,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         materialize(&model);
         let cache = if method == "vqt-cached" {
             let t0 = Instant::now();
-            let c = FeatureCache::build(&model.backbone, images.iter().cloned(), CacheKind::Kv, CacheDtype::F32, |_| {});
+            let c = FeatureCache::build(&model.backbone, images.iter().cloned(), CacheKind::Kv, o.cache_dtype, |_| {});
             plain.sync().map_err(|e| e.to_string())?;
             Some((c, t0.elapsed().as_secs_f64() * 1e3))
         } else {
@@ -229,6 +233,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         device_peak_bytes: device_peak,
         cache_build_ms,
         cache_100_epochs_over_inference: cache_ratio,
+        cache_dtype: (method == "vqt-cached").then_some(o.cache_dtype),
         cache_images,
         cache_bytes,
         load_avg: load_avg(),
@@ -275,8 +280,9 @@ pub fn markdown(reports: &[StepReport]) -> String {
     }
     for r in reports.iter().filter(|r| r.cache_100_epochs_over_inference.is_some()) {
         s += &format!(
-            "\nFeature cache ({}): {} MiB of K/V for {} images, held in RAM (not in the train-memory column). Building it (one trunk inference pass) took {:.0} ms; 100 epochs of VQT from it cost {:.2}x that pass.\n",
+            "\nFeature cache ({}, {:?}): {} MiB of K/V for {} images, held in RAM (not in the train-memory column). Building it (one trunk inference pass) took {:.0} ms; 100 epochs of VQT from it cost {:.2}x that pass.\n",
             r.method,
+            r.cache_dtype.unwrap_or(CacheDtype::F32),
             mib(r.cache_bytes.map(|b| b as u64)),
             r.cache_images.unwrap_or(0),
             r.cache_build_ms.unwrap_or(f64::NAN),

@@ -78,6 +78,9 @@ struct Shape {
     /// Device index (GPU backends).
     #[arg(long)]
     device: Option<usize>,
+    /// Storage of the `vqt-cached` feature cache: f32 or f16.
+    #[arg(long, default_value = "f32")]
+    cache_dtype: String,
 }
 
 impl Shape {
@@ -86,7 +89,13 @@ impl Shape {
         let vit = preset.config().with_img_size(self.img_size);
         vit.validate().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(self.batch > 0 && self.steps > 0, "--batch and --steps must be positive");
+        let cache_dtype = match self.cache_dtype.as_str() {
+            "f32" => vqt_models::cache::CacheDtype::F32,
+            "f16" => vqt_models::cache::CacheDtype::F16,
+            other => anyhow::bail!("--cache-dtype `{other}`: expected f32 or f16"),
+        };
         Ok(vqt_bench::bench::StepOptions {
+            cache_dtype,
             vit,
             backbone: self.preset.clone(),
             batch: self.batch,
@@ -106,6 +115,7 @@ impl Shape {
             "--warmup".into(), self.warmup.to_string(),
             "--steps".into(), self.steps.to_string(),
             "--backend".into(), self.backend.clone(),
+            "--cache-dtype".into(), self.cache_dtype.clone(),
         ];
         if let Some(d) = self.device {
             a.extend(["--device".into(), d.to_string()]);
