@@ -8,6 +8,7 @@
 //! * [`hash`]: sha256 of files, so run records can identify a checkpoint.
 
 pub mod checkpoint;
+pub mod data;
 pub mod device;
 pub mod hash;
 pub mod tensor_map;

@@ -41,7 +41,7 @@ fn compress_then_featselect() {
     let trained_queries = vqt_core::HostTensor::from_tensor(vqt(&model).queries.val());
 
     // Stage A: fresh head, frozen queries, penalty in the loss.
-    let TrunkModel { backbone, method } = model;
+    let TrunkModel { backbone, method, .. } = model;
     let QueryMethod::Vqt(v) = method else { unreachable!() };
     let a = v.into_compress_stage(1e-2);
     assert!(!a.queries.is_require_grad());
@@ -59,7 +59,7 @@ fn compress_then_featselect() {
 
     // Stage B: top int(F·keep) rows, in descending norm order, fresh head on them.
     let scores = feature_scores(vqt(&model).head.weight.val());
-    let TrunkModel { backbone, method } = model;
+    let TrunkModel { backbone, method, .. } = model;
     let QueryMethod::Vqt(v) = method else { unreachable!() };
     let b = v.into_featselect_stage(0.7).unwrap();
     let ids = b.selection.clone().unwrap();

@@ -1,0 +1,261 @@
+//! Experiment configuration (TOML). Unknown keys are errors; `--set key=value` overrides any
+//! field; the resolved config is written into `run.json`.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use vqt_core::data::preprocess::{Normalization, ResizeFilter};
+use vqt_models::cache::{CacheDtype, CacheKind};
+use vqt_models::query::{SynqtConfig, VqtConfig};
+
+/// A whole experiment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// The backbone.
+    pub backbone: BackboneConfig,
+    /// The tuning method.
+    pub method: MethodConfig,
+    /// The dataset.
+    pub data: DataConfig,
+    /// Optimisation.
+    pub train: TrainConfig,
+}
+
+/// Backbone shape, weights and input pipeline.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneConfig {
+    /// Preset name (vit-ti16, vit-s16, vit-b16, vit-l16, vit-h14, vit-s14-dinov2); ignored when
+    /// `custom` is given.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// A fully custom shape instead of a preset.
+    #[serde(default)]
+    pub custom: Option<vqt_models::VitConfig>,
+    /// Input size in pixels; position embeddings are resampled to it at load time.
+    pub img_size: usize,
+    /// Checkpoint file (timm safetensors/.pth, JAX .npz, HF safetensors). Without one the
+    /// backbone is randomly initialised (smoke tests only).
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+    /// Checkpoint format: auto, timm, jax-npz, hf-vit, hf-dinov2.
+    #[serde(default)]
+    pub format: vqt_core::CheckpointFormat,
+    /// Resize filter for the images.
+    #[serde(default = "default_resize")]
+    pub resize: ResizeFilter,
+    /// Normalisation preset.
+    #[serde(default = "default_norm")]
+    pub normalization: Normalization,
+}
+
+fn default_resize() -> ResizeFilter {
+    ResizeFilter::Bilinear
+}
+fn default_norm() -> Normalization {
+    Normalization::Imagenet
+}
+
+/// The tuning method (`kind = "linear" | "vqt" | "synqt"`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum MethodConfig {
+    /// Linear probe on the final class token.
+    Linear,
+    /// Visual Query Tuning.
+    Vqt(VqtConfig),
+    /// SynQT.
+    Synqt(SynqtConfig),
+}
+
+/// Where the data comes from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DataConfig {
+    /// IDX files (MNIST / Fashion-MNIST). Train and validation are index ranges of the train
+    /// files; the test split is the first `test_limit` images of the test files.
+    Idx {
+        /// Training images (IDX, optionally gzipped).
+        train_images: PathBuf,
+        /// Training labels.
+        train_labels: PathBuf,
+        /// Test images.
+        test_images: PathBuf,
+        /// Test labels.
+        test_labels: PathBuf,
+        /// Number of classes.
+        num_classes: usize,
+        /// `[start, end)` of the training split within the train files.
+        train_range: [usize; 2],
+        /// `[start, end)` of the validation split within the train files.
+        val_range: [usize; 2],
+        /// Use only the first N test images (all if absent).
+        #[serde(default)]
+        test_limit: Option<usize>,
+    },
+}
+
+/// Optimiser.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// AdamW (decoupled weight decay), β (0.9, 0.999), eps 1e-8.
+    Adamw,
+    /// Adam with coupled L2 weight decay (the VQT recipe), eps 1e-8.
+    Adam,
+    /// SGD with momentum 0.9.
+    Sgd,
+}
+
+/// Whether and how trunk features are cached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheMode {
+    /// Per-layer keys/values.
+    Kv,
+    /// Per-layer hidden states (half the bytes; K/V recomputed per batch).
+    Hidden,
+    /// No cache: the trunk runs on every step (required for faithful-mode trunk noise).
+    Off,
+}
+
+/// Optimisation settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Epochs.
+    pub epochs: usize,
+    /// Batch size (the last partial batch is kept).
+    pub batch_size: usize,
+    /// Optimiser.
+    #[serde(default = "default_optim")]
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate (linear warm-up, then cosine to 0, stepped every iteration).
+    pub lr: f64,
+    /// Weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Warm-up epochs.
+    #[serde(default)]
+    pub warmup_epochs: usize,
+    /// Seed for initialisation and shuffling.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Feature cache (query methods only).
+    #[serde(default = "default_cache")]
+    pub cache: CacheMode,
+    /// Cache storage dtype.
+    #[serde(default = "default_cache_dtype")]
+    pub cache_dtype: CacheDtype,
+    /// Data-loader worker threads.
+    #[serde(default = "default_workers")]
+    pub num_workers: usize,
+    /// Faithful mode: VQT embedding dropout in the trunk (official 0.1); needs `cache = "off"`.
+    #[serde(default)]
+    pub trunk_embed_dropout: f64,
+    /// Faithful mode: maximum trunk drop-path (SynQT official 0.1); needs `cache = "off"`.
+    #[serde(default)]
+    pub trunk_drop_path: f64,
+}
+
+fn default_optim() -> OptimizerKind {
+    OptimizerKind::Adamw
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_cache() -> CacheMode {
+    CacheMode::Kv
+}
+fn default_cache_dtype() -> CacheDtype {
+    CacheDtype::F32
+}
+fn default_workers() -> usize {
+    2
+}
+
+impl CacheMode {
+    /// The cache kind, if any.
+    pub fn kind(self) -> Option<CacheKind> {
+        match self {
+            CacheMode::Kv => Some(CacheKind::Kv),
+            CacheMode::Hidden => Some(CacheKind::Hidden),
+            CacheMode::Off => None,
+        }
+    }
+}
+
+/// Reads a config file and applies `key=value` overrides (dotted keys, TOML values; a value
+/// that is not valid TOML is taken as a string).
+pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<ExperimentConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut value: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+    for o in overrides {
+        let (key, raw) = o.split_once('=').ok_or_else(|| anyhow::anyhow!("--set `{o}`: expected key=value"))?;
+        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let mut table = &mut value;
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        for p in &parts[..parts.len() - 1] {
+            table = table
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .ok_or_else(|| anyhow::anyhow!("--set `{o}`: `{p}` is not a table"))?;
+        }
+        table.insert(parts[parts.len() - 1].to_string(), parsed);
+    }
+    let cfg: ExperimentConfig = toml::Value::Table(value)
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+    cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(cfg)
+}
+
+fn one_line(s: &str) -> String {
+    s.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')).collect::<Vec<_>>().join(" ")
+}
+
+impl ExperimentConfig {
+    /// Cross-field checks; messages name the keys.
+    pub fn validate(&self) -> Result<(), String> {
+        let t = &self.train;
+        if t.epochs == 0 || t.batch_size == 0 {
+            return Err("train.epochs and train.batch_size must be positive".into());
+        }
+        if !(t.lr > 0.0 && t.lr <= 1.0) {
+            return Err(format!("train.lr {} must be in (0, 1]", t.lr));
+        }
+        if t.cache != CacheMode::Off && (t.trunk_embed_dropout > 0.0 || t.trunk_drop_path > 0.0) {
+            return Err("train.trunk_embed_dropout / train.trunk_drop_path make the trunk random: set train.cache = \"off\"".into());
+        }
+        if self.backbone.preset.is_none() && self.backbone.custom.is_none() {
+            return Err("backbone: give `preset` or `custom`".into());
+        }
+        if let Some(p) = &self.backbone.preset {
+            vqt_models::VitPreset::from_name(p).map_err(|e| format!("backbone.preset: {e}"))?;
+        }
+        let DataConfig::Idx { train_range, val_range, num_classes, .. } = &self.data;
+        if *num_classes < 2 {
+            return Err("data.num_classes must be at least 2".into());
+        }
+        for (name, r) in [("train_range", train_range), ("val_range", val_range)] {
+            if r[0] >= r[1] {
+                return Err(format!("data.{name} {r:?} is empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The backbone shape at `img_size`.
+    pub fn vit_config(&self) -> vqt_models::VitConfig {
+        let base = match (&self.backbone.custom, &self.backbone.preset) {
+            (Some(c), _) => c.clone(),
+            (None, Some(p)) => vqt_models::VitPreset::from_name(p).expect("validated").config(),
+            (None, None) => unreachable!("validated"),
+        };
+        base.with_img_size(self.backbone.img_size).with_num_classes(0)
+    }
+}
