@@ -141,15 +141,23 @@ pub enum CacheError {
 
 const MAGIC: &[u8; 10] = b"VQTCACHE1\n";
 
-#[derive(Serialize, Deserialize)]
-struct FileHeader {
-    key: String,
+/// What a cache holds and how it is laid out (also the cache file's header, with the key).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+struct Layout {
     kind: CacheKind,
     dtype: CacheDtype,
+    /// Cached images.
     len: usize,
     heads: usize,
     tokens: usize,
     dim: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileHeader {
+    key: String,
+    #[serde(flatten)]
+    layout: Layout,
     depth: usize,
 }
 
@@ -157,12 +165,7 @@ struct FileHeader {
 /// position.
 #[derive(Debug)]
 pub struct FeatureCache {
-    kind: CacheKind,
-    dtype: CacheDtype,
-    len: usize,
-    heads: usize,
-    tokens: usize,
-    dim: usize,
+    layout: Layout,
     /// Per layer: keys `[len, H, N, Dh]` (kv) or hidden states `[len, N, D]` (hidden).
     layers: Vec<Store>,
     /// Per layer: values `[len, H, N, Dh]` (kv only; empty for hidden).
@@ -193,12 +196,7 @@ impl FeatureCache {
         let (tokens, dim) = (vit.num_tokens(), vit.embed_dim());
         let heads = vit.blocks.first().map(|b| b.attn.num_heads).unwrap_or(1);
         let mut cache = FeatureCache {
-            kind,
-            dtype,
-            len: 0,
-            heads,
-            tokens,
-            dim,
+            layout: Layout { kind, dtype, len: 0, heads, tokens, dim },
             layers: (0..depth).map(|_| Store::new(dtype)).collect(),
             values: (0..if kind == CacheKind::Kv { depth } else { 0 }).map(|_| Store::new(dtype)).collect(),
             cls: Store::new(dtype),
@@ -224,7 +222,7 @@ impl FeatureCache {
                 }
             }
             cache.cls.extend(&host(vit.pool(z).unsqueeze_dim::<3>(1)));
-            cache.len += b;
+            cache.layout.len += b;
             progress(b);
         }
         cache
@@ -232,22 +230,22 @@ impl FeatureCache {
 
     /// Number of cached images.
     pub fn len(&self) -> usize {
-        self.len
+        self.layout.len
     }
 
     /// True when nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.layout.len == 0
     }
 
     /// What is stored.
     pub fn kind(&self) -> CacheKind {
-        self.kind
+        self.layout.kind
     }
 
     /// Storage element type.
     pub fn dtype(&self) -> CacheDtype {
-        self.dtype
+        self.layout.dtype
     }
 
     /// Host bytes held.
@@ -261,16 +259,7 @@ impl FeatureCache {
     pub fn save(&self, path: &std::path::Path, key: &str) -> Result<(), CacheError> {
         use std::io::Write;
         let io = |source| CacheError::Io { path: path.to_path_buf(), source };
-        let header = FileHeader {
-            key: key.to_string(),
-            kind: self.kind,
-            dtype: self.dtype,
-            len: self.len,
-            heads: self.heads,
-            tokens: self.tokens,
-            dim: self.dim,
-            depth: self.layers.len(),
-        };
+        let header = FileHeader { key: key.to_string(), layout: self.layout, depth: self.layers.len() };
         let header = serde_json::to_vec(&header).expect("header serialises");
         let tmp = path.with_extension("partial");
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
@@ -309,42 +298,34 @@ impl FeatureCache {
             return Err(CacheError::KeyMismatch { path: path.to_path_buf(), found: header.key, expected: key.to_string() });
         }
         let map = std::sync::Arc::new(map);
+        let l = header.layout;
         // Keys, values ([len, H, N, Dh]) and hidden states ([len, N, D]) all hold len·N·D values.
-        let per_layer = header.len * header.tokens * header.dim;
-        let n_values = if header.kind == CacheKind::Kv { header.depth } else { 0 };
+        let per_layer = l.len * l.tokens * l.dim;
+        let n_values = if l.kind == CacheKind::Kv { header.depth } else { 0 };
         let mut offset = hstart + hlen;
         let mut section = |elems: usize| -> Result<Store, CacheError> {
             offset += (64 - offset % 64) % 64;
-            let end = offset + elems * header.dtype.size();
+            let end = offset + elems * l.dtype.size();
             if end > map.len() {
                 return Err(fmt(format!("truncated: needs {end} bytes, has {}", map.len())));
             }
-            let s = Store::Mapped { map: map.clone(), offset, elems, dtype: header.dtype };
+            let s = Store::Mapped { map: map.clone(), offset, elems, dtype: l.dtype };
             offset = end;
             Ok(s)
         };
         let layers = (0..header.depth).map(|_| section(per_layer)).collect::<Result<Vec<_>, _>>()?;
         let values = (0..n_values).map(|_| section(per_layer)).collect::<Result<Vec<_>, _>>()?;
-        let cls = section(header.len * header.dim)?;
-        Ok(FeatureCache {
-            kind: header.kind,
-            dtype: header.dtype,
-            len: header.len,
-            heads: header.heads,
-            tokens: header.tokens,
-            dim: header.dim,
-            layers,
-            values,
-            cls,
-        })
+        let cls = section(l.len * l.dim)?;
+        Ok(FeatureCache { layout: l, layers, values, cls })
     }
 
     /// The trunk outputs of dataset rows `rows`, as plain (non-autodiff) tensors on `device`.
     /// For `hidden` caches, K/V are recomputed from the stored states with `vit`'s frozen blocks.
     pub fn batch(&self, vit: &Vit, rows: &[usize], device: &Device) -> TrunkKv {
-        assert!(rows.iter().all(|&r| r < self.len), "cache row out of range");
+        let l = self.layout;
+        assert!(rows.iter().all(|&r| r < l.len), "cache row out of range");
         let device = device.clone().without_autodiff();
-        let (b, n, d, h) = (rows.len(), self.tokens, self.dim, self.heads);
+        let (b, n, d, h) = (rows.len(), l.tokens, l.dim, l.heads);
         let upload = |store: &Store| {
             let mut buf = Vec::with_capacity(b * n * d);
             store.gather(rows, n * d, &mut buf);
@@ -355,7 +336,7 @@ impl FeatureCache {
             .iter()
             .enumerate()
             .zip(&vit.blocks)
-            .map(|((m, store), block)| match self.kind {
+            .map(|((m, store), block)| match l.kind {
                 CacheKind::Kv => (upload(store), upload(&self.values[m])),
                 CacheKind::Hidden => {
                     let mut buf = Vec::with_capacity(b * n * d);

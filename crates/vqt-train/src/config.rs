@@ -41,19 +41,12 @@ pub struct BackboneConfig {
     /// Checkpoint format: auto, timm, jax-npz, hf-vit, hf-dinov2.
     #[serde(default)]
     pub format: vqt_core::CheckpointFormat,
-    /// Resize filter for the images.
-    #[serde(default = "default_resize")]
+    /// Resize filter for the images (default bilinear).
+    #[serde(default)]
     pub resize: ResizeFilter,
-    /// Normalisation preset.
-    #[serde(default = "default_norm")]
+    /// Normalisation preset (default imagenet).
+    #[serde(default)]
     pub normalization: Normalization,
-}
-
-fn default_resize() -> ResizeFilter {
-    ResizeFilter::Bilinear
-}
-fn default_norm() -> Normalization {
-    Normalization::Imagenet
 }
 
 /// The tuning method (`kind = "linear" | "vqt" | "synqt"`).

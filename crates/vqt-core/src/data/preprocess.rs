@@ -4,10 +4,12 @@ use super::RawImage;
 use serde::{Deserialize, Serialize};
 
 /// Input normalisation presets. Record which one a run used: results move by points.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Normalization {
     /// mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225): VPT/VQT/SynQT recipes, DINOv2, MAE.
+    /// The default.
+    #[default]
     Imagenet,
     /// mean = std = 0.5 (range [-1, 1]): JAX ViT pre-training, SSF, Adapter+.
     Inception,
@@ -27,12 +29,13 @@ impl Normalization {
 }
 
 /// Resampling filter of the `image` crate (not bit-identical to TF or PIL; see formats.md §3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ResizeFilter {
     /// Nearest neighbour.
     Nearest,
-    /// Linear ("triangle"); widens when shrinking, like PIL.
+    /// Linear ("triangle"); widens when shrinking, like PIL. The default.
+    #[default]
     Bilinear,
     /// Catmull-Rom cubic.
     Bicubic,
@@ -47,19 +50,14 @@ pub struct Preprocess {
     /// Output side S (straight resize; aspect ratio is not kept, as in the VTAB recipes).
     pub img_size: usize,
     /// Resize filter.
-    #[serde(default = "default_filter")]
+    #[serde(default)]
     pub resize: ResizeFilter,
     /// Normalisation preset.
-    #[serde(default = "default_norm")]
+    #[serde(default)]
     pub normalization: Normalization,
 }
 
-fn default_filter() -> ResizeFilter {
-    ResizeFilter::Bilinear
-}
-fn default_norm() -> Normalization {
-    Normalization::Imagenet
-}
+
 
 impl Preprocess {
     /// Appends one image as CHW f32 (3·S·S values) to `out`.
