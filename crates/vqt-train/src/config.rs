@@ -252,3 +252,41 @@ impl ExperimentConfig {
         base.with_img_size(self.backbone.img_size).with_num_classes(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every committed config parses and validates with the real loader, so configs/ cannot
+    /// drift from the code.
+    #[test]
+    fn every_committed_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/experiments");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().and_then(|e| e.to_str()) == Some("toml") {
+                let cfg = load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
+                cfg.vit_config().validate().unwrap();
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "expected the committed experiment configs, found {n}");
+    }
+
+    #[test]
+    fn overrides_are_typed_and_dotted() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/experiments/fmnist-smoke.toml");
+        let cfg = load(&p, &["train.epochs=3".into(), "method.num_queries=4".into(), "train.cache=\"off\"".into()]).unwrap();
+        assert_eq!(cfg.train.epochs, 3);
+        assert_eq!(cfg.train.cache, CacheMode::Off);
+        match cfg.method {
+            MethodConfig::Vqt(v) => assert_eq!(v.num_queries, 4),
+            other => panic!("{other:?}"),
+        }
+        let e = load(&p, &["method.num_querys=4".into()]).unwrap_err().to_string();
+        assert!(e.contains("fmnist-smoke.toml") && e.contains("num_querys"), "{e}");
+        let e = load(&p, &["train.epochs".into()]).unwrap_err().to_string();
+        assert!(e.contains("expected key=value"), "{e}");
+    }
+}
