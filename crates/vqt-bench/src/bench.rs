@@ -12,6 +12,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
+use vqt_core::mem::proc_status_bytes;
 use vqt_models::cache::{CacheDtype, CacheKind, FeatureCache};
 use vqt_models::query::{SynqtConfig, VqtConfig};
 use vqt_models::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel, VitConfig};
@@ -62,14 +63,6 @@ pub struct StepReport {
     pub cache_bytes: Option<usize>,
     /// 1-minute load average at the end (timings on a shared machine swing with load).
     pub load_avg: Option<f64>,
-}
-
-/// Reads a `/proc/self/status` field in bytes (`VmRSS`, `VmHWM`); None off Linux.
-pub fn proc_status_bytes(field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 fn load_avg() -> Option<f64> {

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod hash;
+pub mod mem;
 pub mod tensor_map;
 
 pub use checkpoint::{CheckpointError, CheckpointFormat, load_checkpoint};

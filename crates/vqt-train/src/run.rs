@@ -143,12 +143,6 @@ fn split(samples: &[Sample], range: [usize; 2], what: &str, path: &Path) -> Resu
     Ok(samples[range[0]..range[1]].to_vec())
 }
 
-fn vm_hwm() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = s.lines().find(|l| l.starts_with("VmHWM"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 fn git_revision() -> Option<String> {
     let out = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -311,7 +305,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
         cache: cache_record,
         val_accuracy,
         test_accuracy,
-        peak_rss_bytes: vm_hwm(),
+        peak_rss_bytes: vqt_core::mem::proc_status_bytes("VmHWM"),
         wall_seconds: t0.elapsed().as_secs_f64(),
         git_revision: git_revision(),
     };
