@@ -124,15 +124,8 @@ impl Shape {
     }
 }
 
-/// Writes `text` to `path` through a temporary file and a rename.
 fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("{}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
-    Ok(())
+    vqt_core::fs::write_atomic(path, text.as_bytes()).with_context(|| path.display().to_string())
 }
 
 fn main() {

@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod fs;
 pub mod hash;
 pub mod mem;
 pub mod tensor_map;

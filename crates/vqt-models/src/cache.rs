@@ -174,12 +174,8 @@ pub struct FeatureCache {
     cls: Store,
 }
 
-fn host(t: Tensor<3>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data")
-}
-
-fn host4(t: Tensor<4>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data")
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    vqt_core::HostTensor::from_tensor(t).data
 }
 
 impl FeatureCache {
@@ -215,8 +211,8 @@ impl FeatureCache {
                         // Stored in the [B, H, N, Dh] layout attention reads, so a batch is
                         // one contiguous upload per tensor.
                         let (next, k, v) = block.forward_kv(z);
-                        cache.layers[m].extend(&host4(k));
-                        cache.values[m].extend(&host4(v));
+                        cache.layers[m].extend(&host(k));
+                        cache.values[m].extend(&host(v));
                         z = next;
                     }
                 }

@@ -19,7 +19,7 @@ pub fn group_lasso(weight: Tensor<2>, eps: f64) -> Tensor<1> {
 pub fn feature_scores(weight: Tensor<2>) -> Vec<f32> {
     let [f, _] = weight.dims();
     let norms = weight.powi_scalar(2).sum_dim(1).sqrt().reshape([f]);
-    norms.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 scores")
+    vqt_core::HostTensor::from_tensor(norms).data
 }
 
 /// Indices of the `int(F·keep)` highest scores, highest first (ties keep the lower index first).

@@ -159,12 +159,6 @@ fn accuracy(model: &TrunkModel, batcher: &TrunkBatcher, items: &[Item], batch: u
     100.0 * correct as f64 / items.len() as f64
 }
 
-/// Writes `text` to `path` via a temporary file and a rename.
-pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("json.partial");
-    std::fs::write(&tmp, text).with_context(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())
-}
 
 /// Runs the experiment; artifacts (learner logs, `run.json`) go to `out`.
 pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path) -> Result<RunRecord> {
@@ -309,6 +303,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
         wall_seconds: t0.elapsed().as_secs_f64(),
         git_revision: git_revision(),
     };
-    write_atomic(&out.join("run.json"), &serde_json::to_string_pretty(&record)?)?;
+    let path = out.join("run.json");
+    vqt_core::fs::write_atomic(&path, serde_json::to_string_pretty(&record)?.as_bytes()).with_context(|| path.display().to_string())?;
     Ok(record)
 }
