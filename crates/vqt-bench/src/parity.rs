@@ -111,6 +111,19 @@ struct SynqtCheck {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TunedCheck {
+    /// Tuners as `[tuners]` in a vqt-train config.
+    tuners: vqt_models::tuners::TunersConfig,
+    /// `"linear"` or `{"vqt": {"num_queries": Q}}`.
+    method: serde_json::Value,
+    /// Trainable tensors with vqt-rs names (a `load_trainable` file).
+    params: String,
+    file: String,
+    tensors: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
 struct VqtCheck {
     params: String,
     num_queries: usize,
@@ -311,6 +324,19 @@ pub fn run(dir: &Path, device: &Device) -> Result<ParityReport, ParityError> {
                 }
                 lines.extend(c.lines);
             }
+            "tuned" => {
+                let spec: TunedCheck = serde_json::from_value(spec.clone()).map_err(|e| input_err(&mpath, format!("checks.tuned: {e}")))?;
+                let labels = inputs.ints.get("labels").ok_or_else(|| input_err(&ipath, "missing i64 tensor `labels`"))?;
+                let mut c = Comparer { expected: Tensors::read(&dir.join(&spec.file))?, tol: man.tolerance.abs, lines: Vec::new() };
+                let r = run_tuned(&vit, &images, labels, &dir.join(&spec.params), &spec, &mpath, device)?;
+                for t in &spec.tensors {
+                    match r.get(t) {
+                        Some(a) => c.compare("tuned", t, a.clone())?,
+                        None => unsupported.push(format!("tuned: tensor `{t}`")),
+                    }
+                }
+                lines.extend(c.lines);
+            }
             other => unsupported.push(format!("check `{other}`")),
         }
     }
@@ -367,6 +393,67 @@ fn run_vqt(
     out.insert("vqt.grad.queries".into(), HostTensor::from_tensor(gq));
     out.insert("vqt.grad.head.weight".into(), HostTensor::from_tensor(gw).transpose2());
     out.insert("vqt.grad.head.bias".into(), HostTensor::from_tensor(gb));
+    Ok(out)
+}
+
+/// Backbone tuners (and optionally VQT) trained jointly on the full path: trunk outputs, logits,
+/// loss and the gradient of every trainable tensor, by vqt-rs name.
+fn run_tuned(
+    vit: &Vit,
+    images: &Tensor<4>,
+    labels: &(Vec<usize>, Vec<i64>),
+    params: &Path,
+    spec: &TunedCheck,
+    mpath: &Path,
+    device: &Device,
+) -> Result<BTreeMap<String, HostTensor>, ParityError> {
+    use vqt_models::{QueryMethod, TrunkInput, TrunkModel};
+    let ad = device.clone().autodiff();
+    let p = Tensors::read(params)?;
+    let (d, depth) = (vit.embed_dim(), vit.depth());
+    let num_queries = match &spec.method {
+        serde_json::Value::String(s) if s == "linear" => None,
+        v => Some(
+            v.get("vqt")
+                .and_then(|q| q.get("num_queries"))
+                .and_then(|q| q.as_u64())
+                .ok_or_else(|| input_err(mpath, "checks.tuned.method: expected \"linear\" or {\"vqt\": {\"num_queries\": Q}}"))? as usize,
+        ),
+    };
+    let head_w = p.float(if num_queries.is_some() { "method.head.weight" } else { "method.weight" })?;
+    let classes = head_w.shape[1];
+    let plain = device.clone().without_autodiff();
+    let method = match num_queries {
+        None => QueryMethod::Linear(burn::nn::LinearConfig::new(d, classes).init(&plain)),
+        Some(q) => QueryMethod::Vqt(
+            vqt_models::query::VqtConfig { num_queries: q, query_dropout: 0.0 }.init(depth, d, vit.patch_embed.proj.kernel_size[0], classes, &plain),
+        ),
+    };
+    let tuned = spec.tuners.inject(vit.clone()).map_err(|e| input_err(mpath, e))?;
+    let model = TrunkModel::tuned(tuned, &spec.tuners, method);
+    // Load on the autodiff device: loading keeps each parameter's gradient requirement as the
+    // tensor reports it, and only autodiff tensors report one.
+    let model = vqt_models::tuners::load_trainable(model.fork(&ad), params).map_err(|e| ParityError::Input(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    let trace = model.backbone.forward_trace(images.clone());
+    for (i, b) in trace.blocks.iter().enumerate() {
+        out.insert(format!("tuned.block.{i}"), HostTensor::from_tensor(b.clone()));
+    }
+    out.insert("tuned.cls".into(), HostTensor::from_tensor(trace.cls));
+    let trunk = model.trunk(TrunkInput::Images(images.clone()));
+    if let QueryMethod::Vqt(v) = &model.method {
+        for (i, o) in v.query_outputs(&model.backbone, &trunk).iter().enumerate() {
+            out.insert(format!("tuned.query_out.{i}"), HostTensor::from_tensor(o.clone()));
+        }
+    }
+    let logits = model.method.forward(&model.backbone, &trunk);
+    let loss = cross_entropy(logits.clone(), labels);
+    out.insert("tuned.logits".into(), HostTensor::from_tensor(logits));
+    out.insert("tuned.loss".into(), scalar(&loss));
+    let grads = loss.backward();
+    for (name, g) in vqt_models::tuners::named_grads(&model, &grads) {
+        out.insert(format!("tuned.grad.{name}"), g);
+    }
     Ok(out)
 }
 

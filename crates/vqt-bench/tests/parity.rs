@@ -11,7 +11,7 @@ fn fixtures() -> Vec<PathBuf> {
         .filter(|p| p.join("manifest.json").is_file())
         .collect();
     dirs.sort();
-    assert!(dirs.len() >= 5, "expected the committed fixtures tiny-a..tiny-e, found {dirs:?}");
+    assert!(dirs.len() >= 9, "expected the committed fixtures tiny-a..tiny-i, found {dirs:?}");
     dirs
 }
 
@@ -51,4 +51,16 @@ fn tiny_a_runs_both_vit_and_vqt_checks() {
     let n_vit = r.lines.iter().filter(|l| l.check == "vit").count();
     let n_vqt = r.lines.iter().filter(|l| l.check == "vqt").count();
     assert_eq!((n_vit, n_vqt), (6, 10));
+}
+
+#[test]
+fn tuner_fixtures_check_every_trainable_gradient() {
+    // tiny-g LoRA, tiny-h AdaptFormer, tiny-i VQT + LoRA + AdaptFormer (tools/gen_tuner_fixtures.py).
+    for (name, grads) in [("tiny-g", 12 + 2), ("tiny-h", 12 + 2), ("tiny-i", 12 + 12 + 3)] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name);
+        let r = vqt_bench::parity::run(&dir, &Device::flex()).unwrap();
+        assert!(r.passed(), "{name}");
+        let n = r.lines.iter().filter(|l| l.check == "tuned" && l.tensor.starts_with("tuned.grad.")).count();
+        assert_eq!(n, grads, "{name}");
+    }
 }

@@ -7,6 +7,7 @@ pub mod head;
 pub mod model;
 pub mod ops;
 pub mod query;
+pub mod tuners;
 pub mod vit;
 
 pub use model::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel};

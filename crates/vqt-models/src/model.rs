@@ -1,9 +1,15 @@
-//! `TrunkModel`: a frozen backbone read by a query-side method (linear probe, VQT, SynQT).
+//! `TrunkModel`: a backbone read by a query-side method (linear probe, VQT, SynQT), optionally
+//! with backbone tuners (LoRA, AdaptFormer, VPT, SSF, BitFit, adapters, full fine-tuning).
 //!
-//! This is the *trunk path* of DESIGN.md: the backbone's parameters are frozen plain tensors,
-//! every backbone computation runs without autodiff, and only the method's parameters are on the
-//! tape. The model trains from images (the trunk runs every step) or from cached trunk features
-//! ([`TrunkInput::Cached`]): both give the same logits, so the cache changes nothing but time.
+//! The model picks its path from its composition:
+//! - **Trunk path** ([`TrunkModel::new`]): no tuner; the backbone's parameters are frozen plain
+//!   tensors, every backbone computation runs without autodiff, and only the method's
+//!   parameters are on the tape. It trains from images (the trunk runs every step) or from
+//!   cached trunk features ([`TrunkInput::Cached`]): both give the same logits, so the cache
+//!   changes nothing but time.
+//! - **Full path** ([`TrunkModel::tuned`]): tuners were injected ([`crate::tuners`]), so the
+//!   trunk depends on trainable tensors and runs on the tape. Frozen backbone tensors still get
+//!   no gradient and no optimizer state; the cache is not available.
 
 use crate::query::{Synqt, Vqt};
 use crate::vit::{TrunkKv, TrunkNoise, Vit};
@@ -79,12 +85,27 @@ pub struct TrunkModel {
     pub method: QueryMethod,
     /// Trunk randomness applied in training steps only (faithful mode); off by default.
     pub noise: TrunkNoise,
+    /// True when the backbone carries trainable tensors (tuners, BitFit, full fine-tuning):
+    /// the trunk then runs with autodiff (the full path).
+    pub full_path: bool,
 }
 
 impl TrunkModel {
     /// Freezes `backbone` (no gradients, no dropout) and pairs it with `method`.
     pub fn new(backbone: Vit, method: QueryMethod) -> Self {
-        Self { backbone: backbone.freeze(), method, noise: TrunkNoise::default() }
+        Self { backbone: backbone.freeze(), method, noise: TrunkNoise::default(), full_path: false }
+    }
+
+    /// Pairs a backbone whose tuners were injected by [`crate::tuners::TunersConfig::inject`]
+    /// with `method`, jointly trained on the full path (with an empty tuner set this is
+    /// [`TrunkModel::new`]). The model is returned in training state on the autodiff context of
+    /// its device ([`Module::train`]): tuner tensors (and the backbone tensors BitFit or full
+    /// fine-tuning re-enabled) require gradients, frozen tensors do not.
+    pub fn tuned(backbone: Vit, tuners: &crate::tuners::TunersConfig, method: QueryMethod) -> Self {
+        if tuners.is_empty() {
+            return Self::new(backbone, method);
+        }
+        Self { backbone, method, noise: TrunkNoise::default(), full_path: true }.train()
     }
 
     /// The same model with training-time trunk randomness (faithful mode).
@@ -103,7 +124,9 @@ impl TrunkModel {
     /// `cache != off` with faithful mode before any model is built).
     pub fn trunk_with(&self, input: TrunkInput, noise: TrunkNoise) -> TrunkKv {
         match input {
+            TrunkInput::Images(x) if self.full_path => self.backbone.forward_kv_noisy(x, noise),
             TrunkInput::Images(x) => self.backbone.forward_kv_noisy(x.without_autodiff(), noise),
+            TrunkInput::Cached(_) if self.full_path => panic!("the feature cache needs a frozen trunk, but this model tunes the backbone"),
             TrunkInput::Cached(_) if !noise.is_off() => panic!("the feature cache needs a deterministic trunk (faithful mode is on)"),
             TrunkInput::Cached(t) => TrunkKv {
                 kv: t.kv.into_iter().map(|(k, v)| (k.without_autodiff(), v.without_autodiff())).collect(),
@@ -140,9 +163,16 @@ impl TrunkModel {
         ClassificationOutput::new(loss, logits, targets)
     }
 
-    /// Trainable parameter count (the method's; the backbone is frozen).
+    /// Trainable parameter count: the method's plus, on the full path, the backbone tensors
+    /// that require gradients (those are only visible once the model is on an autodiff device,
+    /// as the learner trains it; on a plain device the count covers the method only).
     pub fn num_trainable(&self) -> usize {
-        self.method.num_params()
+        if self.full_path {
+            let (backbone, _) = crate::tuners::param_counts(&self.backbone);
+            backbone + self.method.num_params()
+        } else {
+            self.method.num_params()
+        }
     }
 }
 

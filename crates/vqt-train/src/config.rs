@@ -13,8 +13,12 @@ use vqt_models::query::{SynqtConfig, VqtConfig};
 pub struct ExperimentConfig {
     /// The backbone.
     pub backbone: BackboneConfig,
-    /// The tuning method.
+    /// The query-side method and head (`linear` for the plain head of the backbone tuners).
     pub method: MethodConfig,
+    /// Backbone tuners (LoRA, AdaptFormer, VPT, SSF, BitFit, adapters, full fine-tuning), any
+    /// combination, trained jointly with `method`. Absent: the backbone stays frozen.
+    #[serde(default)]
+    pub tuners: vqt_models::tuners::TunersConfig,
     /// The dataset.
     pub data: DataConfig,
     /// Optimisation.
@@ -108,8 +112,11 @@ pub enum CacheMode {
     Kv,
     /// Per-layer hidden states (half the bytes; K/V recomputed per batch).
     Hidden,
-    /// No cache: the trunk runs on every step (required for faithful-mode trunk noise).
+    /// No cache: the trunk runs on every step (required for faithful-mode trunk noise and for
+    /// backbone tuners).
     Off,
+    /// `kv` when the trunk is frozen and deterministic, `off` otherwise (the default).
+    Auto,
 }
 
 /// Optimisation settings.
@@ -158,7 +165,7 @@ fn default_seed() -> u64 {
     42
 }
 fn default_cache() -> CacheMode {
-    CacheMode::Kv
+    CacheMode::Auto
 }
 fn default_cache_dtype() -> CacheDtype {
     CacheDtype::F32
@@ -168,12 +175,14 @@ fn default_workers() -> usize {
 }
 
 impl CacheMode {
-    /// The cache kind, if any.
-    pub fn kind(self) -> Option<CacheKind> {
+    /// The cache kind, if any, once `auto` is resolved for a trunk that is (or is not) frozen
+    /// and deterministic.
+    pub fn kind(self, trunk_is_constant: bool) -> Option<CacheKind> {
         match self {
             CacheMode::Kv => Some(CacheKind::Kv),
             CacheMode::Hidden => Some(CacheKind::Hidden),
             CacheMode::Off => None,
+            CacheMode::Auto => trunk_is_constant.then_some(CacheKind::Kv),
         }
     }
 }
@@ -221,8 +230,20 @@ impl ExperimentConfig {
         if !(t.lr > 0.0 && t.lr <= 1.0) {
             return Err(format!("train.lr {} must be in (0, 1]", t.lr));
         }
-        if t.cache != CacheMode::Off && (t.trunk_embed_dropout > 0.0 || t.trunk_drop_path > 0.0) {
+        let noisy = t.trunk_embed_dropout > 0.0 || t.trunk_drop_path > 0.0;
+        if matches!(t.cache, CacheMode::Kv | CacheMode::Hidden) && noisy {
             return Err("train.trunk_embed_dropout / train.trunk_drop_path make the trunk random: set train.cache = \"off\"".into());
+        }
+        self.tuners.validate()?;
+        if matches!(t.cache, CacheMode::Kv | CacheMode::Hidden) && !self.tuners.is_empty() {
+            return Err(format!(
+                "train.cache = \"{}\" needs a frozen trunk, but tuners.{} change it: set train.cache = \"off\" (or \"auto\")",
+                if t.cache == CacheMode::Kv { "kv" } else { "hidden" },
+                self.tuners.names().join(", tuners.")
+            ));
+        }
+        if noisy && !self.tuners.is_empty() {
+            return Err("train.trunk_embed_dropout / train.trunk_drop_path (faithful mode) apply to the frozen trunk only, not with tuners".into());
         }
         if self.backbone.preset.is_none() && self.backbone.custom.is_none() {
             return Err("backbone: give `preset` or `custom`".into());
@@ -240,6 +261,27 @@ impl ExperimentConfig {
             }
         }
         Ok(())
+    }
+
+    /// True when the trunk is frozen and deterministic, so its features can be cached.
+    pub fn trunk_is_constant(&self) -> bool {
+        self.tuners.is_empty() && self.train.trunk_embed_dropout == 0.0 && self.train.trunk_drop_path == 0.0
+    }
+
+    /// Short method name for logs and records: the query method, then the tuners
+    /// (`vqt+adaptformer`, `linear+lora`, `full-ft`).
+    pub fn method_name(&self) -> String {
+        let q = match &self.method {
+            MethodConfig::Linear => "linear",
+            MethodConfig::Vqt(_) => "vqt",
+            MethodConfig::Synqt(_) => "synqt",
+        };
+        let t = self.tuners.names();
+        match (q, t.is_empty()) {
+            (_, true) => q.to_string(),
+            ("linear", false) => t.join("+"),
+            (_, false) => format!("{q}+{}", t.join("+")),
+        }
     }
 
     /// The backbone shape at `img_size`.

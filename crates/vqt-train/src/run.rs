@@ -200,7 +200,8 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
             pos_embed_resampled: report.pos_embed_resampled.clone(),
         });
     }
-    let vit = vit.freeze();
+    let constant_trunk = cfg.trunk_is_constant();
+    let vit = if cfg.tuners.is_empty() { vit.freeze() } else { cfg.tuners.inject(vit).map_err(anyhow::Error::msg)? };
 
     // Method.
     let (d, depth, p) = (vit.embed_dim(), vit.depth(), vcfg.patch_size);
@@ -213,7 +214,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
 
     // Feature cache over the training split.
     let image_batcher = |s: &Arc<Vec<Sample>>| TrunkBatcher::Images { samples: s.clone(), pre: pre.clone() };
-    let (train_batcher, cache_record) = match cfg.train.cache.kind() {
+    let (train_batcher, cache_record) = match cfg.train.cache.kind(constant_trunk) {
         None => (image_batcher(&train_set), None),
         Some(kind) => {
             let bar = indicatif::ProgressBar::new(train_set.len() as u64).with_message("feature cache");
@@ -235,9 +236,8 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
             (TrunkBatcher::Cached { cache: Arc::new(cache), vit: Arc::new(vit.clone()) }, Some(rec))
         }
     };
-    let model = TrunkModel::new(vit, method).with_noise(noise);
-    let trainable = model.num_trainable();
-    let total = model.num_params();
+    let model = TrunkModel::tuned(vit, &cfg.tuners, method).with_noise(noise);
+    let (trainable, total) = vqt_models::tuners::param_counts(&model.clone().fork(&ad));
 
     let loader_train = DataLoaderBuilder::new(train_batcher)
         .batch_size(cfg.train.batch_size)
@@ -292,7 +292,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
         config: cfg.clone(),
         backend: backend.to_string(),
         checkpoint,
-        method: model.method.name().to_string(),
+        method: cfg.method_name(),
         trainable_params: trainable,
         total_params: total,
         split_sizes: [train_set.len(), val_set.len(), test_set.len()],

@@ -1,3 +1,5 @@
+use crate::tuners::lora::LoraQkv;
+use crate::tuners::ssf::{self, Ssf};
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::activation::softmax;
@@ -16,6 +18,12 @@ pub struct Attention {
     pub proj: Linear,
     /// Number of heads H.
     pub num_heads: usize,
+    /// LoRA on the fused projection (tuner; `None` in the plain backbone).
+    pub lora: Option<LoraQkv>,
+    /// SSF after the fused qkv output, `3D` wide (tuner).
+    pub ssf_qkv: Option<Ssf>,
+    /// SSF after the output projection (tuner).
+    pub ssf_proj: Option<Ssf>,
 }
 
 /// `[B, N, D]` -> `[B, H, N, Dh]`.
@@ -31,7 +39,8 @@ pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
 }
 
 impl Attention {
-    fn width(&self) -> usize {
+    /// Token width D.
+    pub fn width(&self) -> usize {
         self.proj.weight.dims()[0]
     }
 
@@ -42,29 +51,48 @@ impl Attention {
         linear(a, w, b)
     }
 
+    /// Third `part` (0 = q, 1 = k, 2 = v) of the fused projection `out` of tokens `a`, with the
+    /// tuners that act on it: LoRA's low-rank update, then SSF's scale-shift.
+    fn tune_part(&self, part: usize, a: &Tensor<3>, out: Tensor<3>) -> Tensor<3> {
+        let out = match &self.lora {
+            Some(l) => l.apply(part, a.clone(), out),
+            None => out,
+        };
+        match &self.ssf_qkv {
+            Some(s) => s.forward_part(out, part * self.width()),
+            None => out,
+        }
+    }
+
     /// q, k, v of the (already normalised) tokens `a: [B, N, D]`, each `[B, H, N, Dh]`.
     pub fn qkv(&self, a: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let d = self.width();
-        let qkv = self.qkv.forward(a);
-        let q = qkv.clone().narrow(2, 0, d);
-        let k = qkv.clone().narrow(2, d, d);
-        let v = qkv.narrow(2, 2 * d, d);
+        let qkv = self.qkv.forward(a.clone());
+        let q = self.tune_part(0, &a, qkv.clone().narrow(2, 0, d));
+        let k = self.tune_part(1, &a, qkv.clone().narrow(2, d, d));
+        let v = self.tune_part(2, &a, qkv.narrow(2, 2 * d, d));
         let h = self.num_heads;
         (split_heads(q, h), split_heads(k, h), split_heads(v, h))
     }
 
     /// Only the query third of the fused projection (for query tokens that are not keys).
     pub fn q(&self, a: Tensor<3>) -> Tensor<4> {
-        split_heads(self.project_part(a, 0, self.width()), self.num_heads)
+        let q = self.tune_part(0, &a, self.project_part(a.clone(), 0, self.width()));
+        split_heads(q, self.num_heads)
     }
 
     /// Only the key and value thirds (for trunk tokens whose queries are not needed).
     pub fn kv(&self, a: Tensor<3>) -> (Tensor<4>, Tensor<4>) {
         let d = self.width();
-        let kv = self.project_part(a, d, 2 * d);
-        let k = kv.clone().narrow(2, 0, d);
-        let v = kv.narrow(2, d, d);
+        let kv = self.project_part(a.clone(), d, 2 * d);
+        let k = self.tune_part(1, &a, kv.clone().narrow(2, 0, d));
+        let v = self.tune_part(2, &a, kv.narrow(2, d, d));
         (split_heads(k, self.num_heads), split_heads(v, self.num_heads))
+    }
+
+    /// The output projection (plus its SSF, if tuned).
+    pub fn project_out(&self, o: Tensor<3>) -> Tensor<3> {
+        ssf::maybe(&self.ssf_proj, self.proj.forward(o))
     }
 
     /// `softmax(q·kᵀ/√Dh)·v` with heads merged: `[B, H, Nq, Dh]` x `[B, H, Nk, Dh]` -> `[B, Nq, D]`.
@@ -78,12 +106,12 @@ impl Attention {
     pub fn forward_kv(&self, a: Tensor<3>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
         let (q, k, v) = self.qkv(a);
         let o = Self::attend(q, k.clone(), v.clone());
-        (self.proj.forward(o), k, v)
+        (self.project_out(o), k, v)
     }
 
     /// Queries `q_tokens: [B, Q, D]` (already normalised) attending to given keys/values,
     /// through the output projection.
     pub fn cross(&self, q_tokens: Tensor<3>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
-        self.proj.forward(Self::attend(self.q(q_tokens), k, v))
+        self.project_out(Self::attend(self.q(q_tokens), k, v))
     }
 }

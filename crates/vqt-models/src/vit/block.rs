@@ -1,4 +1,7 @@
 use super::attention::Attention;
+use crate::tuners::adapter::{self, BottleneckAdapter};
+use crate::tuners::adaptformer::AdaptFormer;
+use crate::tuners::ssf::{self, Ssf};
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
 use crate::ops::gelu;
@@ -25,12 +28,17 @@ pub struct Mlp {
     pub fc1: Linear,
     /// `Linear(hidden, D)`.
     pub fc2: Linear,
+    /// SSF after fc1, before the GELU (tuner).
+    pub ssf_fc1: Option<Ssf>,
+    /// SSF after fc2 (tuner).
+    pub ssf_fc2: Option<Ssf>,
 }
 
 impl Mlp {
     /// Applies the MLP per token.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        let h = gelu(ssf::maybe(&self.ssf_fc1, self.fc1.forward(x)));
+        ssf::maybe(&self.ssf_fc2, self.fc2.forward(h))
     }
 }
 
@@ -49,6 +57,16 @@ pub struct Block {
     pub mlp: Mlp,
     /// Optional LayerScale of the MLP branch.
     pub ls2: Option<LayerScale>,
+    /// SSF after LN1 (tuner).
+    pub ssf_norm1: Option<Ssf>,
+    /// SSF after LN2 (tuner).
+    pub ssf_norm2: Option<Ssf>,
+    /// AdaptFormer's parallel adapter beside the MLP (tuner).
+    pub adaptformer: Option<AdaptFormer>,
+    /// Serial adapter on the attention branch output (Houlsby).
+    pub adapter_attn: Option<BottleneckAdapter>,
+    /// Serial adapter on the MLP branch output (Houlsby, Pfeiffer).
+    pub adapter_mlp: Option<BottleneckAdapter>,
 }
 
 fn scale(ls: &Option<LayerScale>, x: Tensor<3>) -> Tensor<3> {
@@ -64,27 +82,46 @@ impl Block {
         self.forward_kv(z).0
     }
 
+    /// `LN1(z)` (plus its SSF, if tuned): the input of the attention projections.
+    pub fn norm1_out(&self, z: Tensor<3>) -> Tensor<3> {
+        ssf::maybe(&self.ssf_norm1, self.norm1.forward(z))
+    }
+
+    /// What the attention branch adds to the residual stream, from the projected attention
+    /// output `o`: `ls1(o)`, through the Houlsby attention adapter if present.
+    pub fn attn_out(&self, o: Tensor<3>) -> Tensor<3> {
+        adapter::maybe(&self.adapter_attn, scale(&self.ls1, o))
+    }
+
     /// The block's output plus the keys and values (`[B, H, N, Dh]`) of its normalised input.
     pub fn forward_kv(&self, z: Tensor<3>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
-        let (o, k, v) = self.attn.forward_kv(self.norm1.forward(z.clone()));
-        let z = z + scale(&self.ls1, o);
+        let (o, k, v) = self.attn.forward_kv(self.norm1_out(z.clone()));
+        let z = z + self.attn_out(o);
         let z = z.clone() + self.mlp_branch(z);
         (z, k, v)
     }
 
-    /// `ls2(MLP(LN2(u)))`: the MLP residual branch for any tokens.
+    /// Everything the second half of the block adds to `u`: `ls2(MLP(LN2(u)))` (through the
+    /// serial MLP adapter if present) plus AdaptFormer's parallel branch if present. For any
+    /// tokens, trunk or query.
     pub fn mlp_branch(&self, u: Tensor<3>) -> Tensor<3> {
-        scale(&self.ls2, self.mlp.forward(self.norm2.forward(u)))
+        let m = scale(&self.ls2, self.mlp.forward(ssf::maybe(&self.ssf_norm2, self.norm2.forward(u.clone()))));
+        let m = adapter::maybe(&self.adapter_mlp, m);
+        match &self.adaptformer {
+            Some(a) => m + a.forward(u),
+            None => m,
+        }
     }
 
     /// The attention residual branch for query tokens `p: [B, Q, D]` that read given trunk
     /// keys/values and are not keys themselves: `ls1(proj(softmax(q(LN1 p)·Kᵀ/√Dh)·V))`.
     pub fn query_attn_branch(&self, p: Tensor<3>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
-        scale(&self.ls1, self.attn.cross(self.norm1.forward(p), k, v))
+        self.attn_out(self.attn.cross(self.norm1_out(p), k, v))
     }
 
-    /// Query tokens through this frozen block (VQT): they attend only to the trunk keys/values
-    /// `k, v` of this layer, then take both residuals and the MLP like any token.
+    /// Query tokens through this block (VQT): they attend only to the trunk keys/values `k, v`
+    /// of this layer, then take both residuals and the MLP like any token (with every per-token
+    /// tuner of the block, methods.md §6).
     pub fn query_forward(&self, p: Tensor<3>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
         let u = p.clone() + self.query_attn_branch(p, k, v);
         u.clone() + self.mlp_branch(u)

@@ -2,6 +2,8 @@ use super::attention::Attention;
 use super::block::{Block, LayerScale, Mlp};
 use super::config::VitConfig;
 use super::patch_embed::PatchEmbed;
+use crate::tuners::ssf::{self, Ssf};
+use crate::tuners::vpt::Vpt;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
@@ -21,6 +23,12 @@ pub struct Vit {
     pub norm: LayerNorm,
     /// Optional classification head on the normalised class token.
     pub head: Option<Linear>,
+    /// SSF after the patch embedding (tuner).
+    pub ssf_patch: Option<Ssf>,
+    /// SSF after the final LayerNorm (tuner).
+    pub ssf_norm: Option<Ssf>,
+    /// Visual prompts (tuner).
+    pub vpt: Option<Vpt>,
 }
 
 /// Per-block outputs of one forward pass (for parity checks and feature extraction).
@@ -88,14 +96,24 @@ impl VitConfig {
                         qkv: LinearConfig::new(d, 3 * d).with_bias(self.qkv_bias).init(device),
                         proj: LinearConfig::new(d, d).init(device),
                         num_heads: self.num_heads,
+                        lora: None,
+                        ssf_qkv: None,
+                        ssf_proj: None,
                     },
                     ls1: self.layer_scale_init.map(ls),
                     norm2: ln(),
                     mlp: Mlp {
                         fc1: LinearConfig::new(d, self.mlp_hidden()).init(device),
                         fc2: LinearConfig::new(self.mlp_hidden(), d).init(device),
+                        ssf_fc1: None,
+                        ssf_fc2: None,
                     },
                     ls2: self.layer_scale_init.map(ls),
+                    ssf_norm1: None,
+                    ssf_norm2: None,
+                    adaptformer: None,
+                    adapter_attn: None,
+                    adapter_mlp: None,
                 }
             })
             .collect();
@@ -106,6 +124,9 @@ impl VitConfig {
             blocks,
             norm: ln(),
             head: (self.num_classes > 0).then(|| LinearConfig::new(d, self.num_classes).init(device)),
+            ssf_patch: None,
+            ssf_norm: None,
+            vpt: None,
         }
     }
 }
@@ -126,9 +147,10 @@ impl Vit {
         self.pos_embed.dims()[1]
     }
 
-    /// `[B, C, H, W]` -> `[CLS ; patches] + pos`, `[B, N, D]`.
+    /// `[B, C, H, W]` -> `[CLS ; patches] + pos`, `[B, N, D]` (with VPT: `[CLS ; prompts ;
+    /// patches]`, prompts without position embedding).
     pub fn embed(&self, images: Tensor<4>) -> Tensor<3> {
-        let patches = self.patch_embed.forward(images);
+        let patches = ssf::maybe(&self.ssf_patch, self.patch_embed.forward(images));
         let [b, n, d] = patches.dims();
         assert_eq!(
             n + 1,
@@ -137,18 +159,36 @@ impl Vit {
             self.num_tokens() - 1
         );
         let cls = self.cls_token.val().expand([b, 1, d]);
-        Tensor::cat(vec![cls, patches], 1) + self.pos_embed.val()
+        let z = Tensor::cat(vec![cls, patches], 1) + self.pos_embed.val();
+        match &self.vpt {
+            Some(v) => v.insert(z),
+            None => z,
+        }
+    }
+
+    /// Whatever happens to the residual stream before block `m` (deep VPT swaps its prompts).
+    pub fn before_block(&self, m: usize, z: Tensor<3>) -> Tensor<3> {
+        match &self.vpt {
+            Some(v) => v.before_block(m, z),
+            None => z,
+        }
+    }
+
+    /// Runs every block over the embedded tokens, calling `each(m, z_in, block)` which returns
+    /// the block's output.
+    fn run_blocks(&self, z: Tensor<3>, mut each: impl FnMut(usize, &Block, Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        self.blocks.iter().enumerate().fold(z, |z, (m, b)| each(m, b, self.before_block(m, z)))
     }
 
     /// Normalised class token `[B, D]` of the final residual stream.
     pub fn pool(&self, z: Tensor<3>) -> Tensor<2> {
         let [b, _, d] = z.dims();
-        self.norm.forward(z.narrow(1, 0, 1)).reshape([b, d])
+        ssf::maybe(&self.ssf_norm, self.norm.forward(z.narrow(1, 0, 1))).reshape([b, d])
     }
 
     /// The class-token feature `LN_final(Z_L)[:, 0]`, `[B, D]`.
     pub fn forward_features(&self, images: Tensor<4>) -> Tensor<2> {
-        let z = self.blocks.iter().fold(self.embed(images), |z, b| b.forward(z));
+        let z = self.run_blocks(self.embed(images), |_, b, z| b.forward(z));
         self.pool(z)
     }
 
@@ -160,12 +200,12 @@ impl Vit {
 
     /// Every block's output and the final class token.
     pub fn forward_trace(&self, images: Tensor<4>) -> VitTrace {
-        let mut z = self.embed(images);
         let mut blocks = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
-            z = b.forward(z);
+        let z = self.run_blocks(self.embed(images), |_, b, z| {
+            let z = b.forward(z);
             blocks.push(z.clone());
-        }
+            z
+        });
         VitTrace { blocks, cls: self.pool(z) }
     }
 
@@ -173,13 +213,12 @@ impl Vit {
     /// Run it on non-autodiff tensors (`model.valid()`, `images.without_autodiff()`) so no tape
     /// is recorded.
     pub fn forward_kv(&self, images: Tensor<4>) -> TrunkKv {
-        let mut z = self.embed(images);
         let mut kv = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
+        let z = self.run_blocks(self.embed(images), |_, b, z| {
             let (next, k, v) = b.forward_kv(z);
             kv.push((k, v));
-            z = next;
-        }
+            next
+        });
         TrunkKv { kv, cls: self.pool(z) }
     }
 
@@ -192,20 +231,16 @@ impl Vit {
         }
         let z = self.embed(images);
         let [b, n, d] = z.dims();
-        let mut z = random_keep(z, noise.embed_dropout, [b, n, d]);
+        let z = random_keep(z, noise.embed_dropout, [b, n, d]);
         let depth = self.blocks.len();
         let mut kv = Vec::with_capacity(depth);
-        for (i, blk) in self.blocks.iter().enumerate() {
+        let z = self.run_blocks(z, |i, blk, z| {
             let rate = if depth > 1 { noise.drop_path * i as f64 / (depth - 1) as f64 } else { 0.0 };
-            let (o, k, v) = blk.attn.forward_kv(blk.norm1.forward(z.clone()));
-            let o = match &blk.ls1 {
-                Some(ls) => ls.forward(o),
-                None => o,
-            };
-            z = z + random_keep(o, rate, [b, 1, 1]);
-            z = z.clone() + random_keep(blk.mlp_branch(z), rate, [b, 1, 1]);
+            let (o, k, v) = blk.attn.forward_kv(blk.norm1_out(z.clone()));
+            let z = z + random_keep(blk.attn_out(o), rate, [b, 1, 1]);
             kv.push((k, v));
-        }
+            z.clone() + random_keep(blk.mlp_branch(z), rate, [b, 1, 1])
+        });
         TrunkKv { kv, cls: self.pool(z) }
     }
 }

@@ -1,0 +1,113 @@
+//! LoRA (Hu et al., ICLR 2022) on the fused qkv projection, per output third (methods.md §5.2).
+//!
+//! For each adapted part t ∈ {q, k, v}: `QKV[..., t] += (α/r)·(A·A_t)·B_t` with `A_t: [D, r]`
+//! kaiming-uniform (a = √5, i.e. U(±1/√D)) and `B_t: [r, D] = 0`, so the model starts as the
+//! backbone. After training [`LoraQkv::merge_into`] folds the update into the plain weight.
+//! Burn's built-in `apply_lora` adapts the whole fused weight (q, k and v) and is not used.
+
+use burn::module::{Initializer, Module, Param};
+use burn::nn::Linear;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// LoRA settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank r (V-PETL's 0.29 M for ViT-B/16 is r = 8).
+    pub rank: usize,
+    /// α; the update is scaled by α/r. Defaults to r (scale 1).
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Which thirds of the fused qkv to adapt: any of "q", "k", "v" (default q and v).
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+}
+
+fn default_targets() -> Vec<String> {
+    vec!["q".into(), "v".into()]
+}
+
+/// One low-rank pair `A: [D, r]`, `B: [r, D]` (Burn `[in, out]` layout).
+#[derive(Module, Debug)]
+pub struct LoraPair {
+    /// Down projection A.
+    pub a: Param<Tensor<2>>,
+    /// Up projection B (zero at init).
+    pub b: Param<Tensor<2>>,
+}
+
+/// LoRA on the q, k and/or v thirds of one block's fused projection.
+#[derive(Module, Debug)]
+pub struct LoraQkv {
+    /// Update of the query third.
+    pub q: Option<LoraPair>,
+    /// Update of the key third.
+    pub k: Option<LoraPair>,
+    /// Update of the value third.
+    pub v: Option<LoraPair>,
+    /// α/r.
+    pub scale: f64,
+}
+
+impl LoraConfig {
+    /// Checks rank and targets.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.rank == 0 {
+            return Err("tuners.lora.rank must be at least 1".into());
+        }
+        if self.targets.is_empty() {
+            return Err("tuners.lora.targets is empty: list any of \"q\", \"k\", \"v\"".into());
+        }
+        for t in &self.targets {
+            if !["q", "k", "v"].contains(&t.as_str()) {
+                return Err(format!("tuners.lora.targets: `{t}` is not one of \"q\", \"k\", \"v\""));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fresh LoRA for a width-`d` block.
+    pub fn init(&self, d: usize, device: &Device) -> LoraQkv {
+        let bound = 1.0 / (d as f64).sqrt();
+        let pair = |t: &str| {
+            self.targets.iter().any(|x| x == t).then(|| LoraPair {
+                a: Initializer::Uniform { min: -bound, max: bound }.init([d, self.rank], device),
+                b: Initializer::Zeros.init([self.rank, d], device),
+            })
+        };
+        LoraQkv { q: pair("q"), k: pair("k"), v: pair("v"), scale: self.alpha.unwrap_or(self.rank as f64) / self.rank as f64 }
+    }
+}
+
+impl LoraQkv {
+    fn pair(&self, part: usize) -> Option<&LoraPair> {
+        [&self.q, &self.k, &self.v][part].as_ref()
+    }
+
+    /// Adds the update of third `part` (0 = q, 1 = k, 2 = v) for the normalised tokens `a`.
+    pub fn apply(&self, part: usize, a: Tensor<3>, out: Tensor<3>) -> Tensor<3> {
+        match self.pair(part) {
+            Some(p) => out + a.matmul(p.a.val().unsqueeze::<3>()).matmul(p.b.val().unsqueeze::<3>()).mul_scalar(self.scale),
+            None => out,
+        }
+    }
+
+    /// `qkv` with `(α/r)·A_t·B_t` added to the columns of each adapted third: the same outputs
+    /// as the unmerged model, as one plain `Linear` for inference.
+    pub fn merge_into(&self, qkv: Linear) -> Linear {
+        let w = qkv.weight.val();
+        let d = w.dims()[0];
+        let parts: Vec<Tensor<2>> = (0..3)
+            .map(|t| {
+                let cols = w.clone().narrow(1, t * d, d);
+                match self.pair(t) {
+                    Some(p) => cols + p.a.val().matmul(p.b.val()).mul_scalar(self.scale),
+                    None => cols,
+                }
+            })
+            .collect();
+        let merged = Tensor::cat(parts, 1);
+        Linear { weight: Param::from_tensor(merged).set_require_grad(false), bias: qkv.bias }
+    }
+}

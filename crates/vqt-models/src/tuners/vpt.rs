@@ -1,0 +1,86 @@
+//! Visual Prompt Tuning (Jia et al., ECCV 2022), shallow and deep (methods.md §5.3).
+//!
+//! Shallow: Np prompt tokens enter once after the embedding, `[CLS ; dropout(E) ; patches]`, with
+//! no position embedding. Deep: before every block m ≥ 1 the Np prompt slots are replaced by
+//! fresh `dropout(E_m)`. Prompts are trunk tokens: they are keys/values of every layer (so VQT
+//! queries read them) and the head reads the class token as usual.
+
+use burn::module::{Initializer, Module, Param};
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// VPT settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VptConfig {
+    /// Prompt tokens per layer Np.
+    pub num_tokens: usize,
+    /// Deep (a prompt set per layer) or shallow (one set after the embedding).
+    #[serde(default = "default_deep")]
+    pub deep: bool,
+    /// Dropout on the prompts in training (VPT config default 0; README examples 0.1).
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+fn default_deep() -> bool {
+    true
+}
+
+/// The prompts.
+#[derive(Module, Debug)]
+pub struct Vpt {
+    /// `[S, Np, D]`: S = L (deep) or 1 (shallow).
+    pub prompts: Param<Tensor<3>>,
+    /// Prompt dropout (train only).
+    pub dropout: Dropout,
+}
+
+impl VptConfig {
+    /// Checks the sizes.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_tokens == 0 {
+            return Err("tuners.vpt.num_tokens must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Prompts `U(−a, a)`, `a = √(6/(3p² + D))` (the VPT init).
+    pub fn init(&self, depth: usize, d: usize, patch_size: usize, device: &Device) -> Vpt {
+        let a = (6.0 / (3.0 * (patch_size * patch_size) as f64 + d as f64)).sqrt();
+        let sets = if self.deep { depth } else { 1 };
+        Vpt {
+            prompts: Initializer::Uniform { min: -a, max: a }.init([sets, self.num_tokens, d], device),
+            dropout: DropoutConfig::new(self.dropout).init(),
+        }
+    }
+}
+
+impl Vpt {
+    /// Prompt tokens per layer.
+    pub fn num_tokens(&self) -> usize {
+        self.prompts.dims()[1]
+    }
+
+    fn set(&self, m: usize, batch: usize) -> Tensor<3> {
+        let [_, np, d] = self.prompts.dims();
+        self.dropout.forward(self.prompts.val().narrow(0, m, 1).expand([batch, np, d]))
+    }
+
+    /// After the embedding: `[CLS ; E_0 ; patches]`.
+    pub fn insert(&self, z: Tensor<3>) -> Tensor<3> {
+        let [b, n, _] = z.dims();
+        Tensor::cat(vec![z.clone().narrow(1, 0, 1), self.set(0, b), z.narrow(1, 1, n - 1)], 1)
+    }
+
+    /// Before block m: deep VPT swaps the prompt slots for `E_m` (m ≥ 1); shallow leaves them.
+    pub fn before_block(&self, m: usize, z: Tensor<3>) -> Tensor<3> {
+        if m == 0 || self.prompts.dims()[0] == 1 {
+            return z;
+        }
+        let [b, n, _] = z.dims();
+        let np = self.num_tokens();
+        Tensor::cat(vec![z.clone().narrow(1, 0, 1), self.set(m, b), z.narrow(1, 1 + np, n - 1 - np)], 1)
+    }
+}
