@@ -1,4 +1,5 @@
-//! `vqt-train`: train a query-side method (linear probe, VQT, SynQT) on a frozen ViT.
+//! `vqt-train`: train and evaluate PETL methods (linear probe, VQT, SynQT, backbone tuners and
+//! their combinations) on a ViT, with the backend chosen at launch.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -34,6 +35,19 @@ enum Command {
         /// Seed (overrides train.seed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Continue an interrupted run from the latest complete checkpoint in `<out>/checkpoint`
+        /// (same config and seed).
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Score a saved run (its run.json and trainable parameters) on a split.
+    Eval {
+        /// The run directory (holds run.json and trainable.safetensors).
+        #[arg(long)]
+        run: PathBuf,
+        /// Which split.
+        #[arg(long, value_enum, default_value = "test")]
+        split: vqt_train::run::EvalSplit,
     },
 }
 
@@ -48,13 +62,20 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let backend: BackendKind = cli.backend.parse()?;
     match cli.command {
-        Command::Train { config, mut overrides, out, seed } => {
+        Command::Eval { run, split } => {
+            let device = make_device(backend, cli.device)?;
+            let (acc, n) = vqt_train::run::evaluate(&run, split, &device)?;
+            println!("{}: {split:?} accuracy {acc:.2}% ({n} images) on {}", run.display(), backend.name());
+            Ok(())
+        }
+        Command::Train { config, mut overrides, out, seed, resume } => {
             if let Some(s) = seed {
                 overrides.push(format!("train.seed={s}"));
             }
             let cfg = vqt_train::config::load(&config, &overrides)?;
             let device = make_device(backend, cli.device)?;
-            let r = vqt_train::run::train(&cfg, backend.name(), &device, &out)?;
+            let opts = vqt_train::run::TrainOptions { resume, device_index: cli.device };
+            let r = vqt_train::run::train(&cfg, backend.name(), &device, &out, opts)?;
             println!(
                 "{} on {}: val {:.2}%, test {:.2}% ({} test images), {} trainable / {} params, {:.1}s -> {}",
                 r.method,

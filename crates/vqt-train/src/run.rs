@@ -5,7 +5,8 @@ use crate::config::{DataConfig, ExperimentConfig, MethodConfig, OptimizerKind};
 use anyhow::{Context, Result};
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::DataLoaderBuilder;
-use burn::data::dataset::InMemDataset;
+use burn::data::dataset::transform::ShuffledDataset;
+use burn::data::dataset::{Dataset, InMemDataset};
 use burn::module::Module;
 use burn::nn::LinearConfig;
 use burn::optim::decay::WeightDecayConfig;
@@ -15,11 +16,15 @@ use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn::train::metric::{AccuracyMetric, LossMetric};
+use burn::train::checkpoint::{FileCheckpointer, KeepLastNCheckpoints};
+use burn::train::metric::{AccuracyMetric, LearningRateMetric, LossMetric};
+use burn::train::renderer::MetricsRenderer;
 use burn::train::{Learner, SupervisedTraining};
-use serde::Serialize;
+use crate::checkpoint::TrainableCheckpointer;
+use crate::progress::{EpochMetrics, EpochRenderer, RunLog};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vqt_core::data::preprocess::Preprocess;
 use vqt_core::data::Sample;
@@ -76,39 +81,97 @@ impl Batcher<Item, TrunkBatch> for TrunkBatcher {
     }
 }
 
+/// The training split in a fresh, seeded order every epoch, where epoch e's order depends only on
+/// `(seed, e)`. burn's loader-level shuffle draws from an RNG that a resumed run cannot restore;
+/// this order can be, so a resumed run sees the same batches as an uninterrupted one.
+///
+/// The loader asks for every row exactly once per epoch, so the epoch is the number of rows
+/// served so far divided by the split size (plus the epoch the run started at).
+pub struct EpochShuffled {
+    items: Arc<Vec<Item>>,
+    seed: u64,
+    start_epoch: usize,
+    served: std::sync::atomic::AtomicUsize,
+    orders: Mutex<Vec<(usize, Arc<ShuffledDataset<InMemDataset<usize>, usize>>)>>,
+}
+
+impl EpochShuffled {
+    /// Rows `items`, shuffled per epoch from `seed`, starting at epoch index `start_epoch`.
+    pub fn new(items: Vec<Item>, seed: u64, start_epoch: usize) -> Self {
+        Self { items: Arc::new(items), seed, start_epoch, served: Default::default(), orders: Mutex::new(Vec::new()) }
+    }
+
+    fn order(&self, epoch: usize) -> Arc<ShuffledDataset<InMemDataset<usize>, usize>> {
+        let mut orders = self.orders.lock().expect("orders");
+        if let Some((_, o)) = orders.iter().find(|(e, _)| *e == epoch) {
+            return o.clone();
+        }
+        let ids = InMemDataset::new((0..self.items.len()).collect());
+        let o = Arc::new(ShuffledDataset::new(ids, self.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64)));
+        orders.retain(|(e, _)| *e + 1 >= epoch); // keep the current and previous epoch only
+        orders.push((epoch, o.clone()));
+        o
+    }
+}
+
+impl Dataset<Item> for EpochShuffled {
+    fn get(&self, index: usize) -> Result<Item, burn::data::dataset::DatasetError> {
+        let n = self.served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let epoch = self.start_epoch + n / self.items.len().max(1);
+        let row = self.order(epoch).get(index)?;
+        Ok(self.items[row].clone())
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+}
+
 /// What `run.json` holds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RunRecord {
     /// The resolved configuration.
     pub config: ExperimentConfig,
     /// Backend name.
     pub backend: String,
+    /// Device index, if one was given.
+    pub device_index: Option<usize>,
     /// Checkpoint identity (absent for a random backbone).
     pub checkpoint: Option<CheckpointRecord>,
-    /// Method name.
+    /// Method name (`vqt`, `linear+lora`, `vqt+adaptformer`, …).
     pub method: String,
+    /// `trunk` (frozen backbone without autodiff) or `full` (tuned backbone on the tape).
+    pub path: String,
+    /// Normalisation preset of the inputs.
+    pub normalization: String,
     /// Trainable parameters.
     pub trainable_params: usize,
-    /// All parameters (backbone + method).
+    /// All parameters (backbone + tuners + method).
     pub total_params: usize,
     /// Images per split.
     pub split_sizes: [usize; 3],
     /// Feature cache: mode, dtype, bytes, build seconds.
     pub cache: Option<CacheRecord>,
+    /// End-of-epoch training and validation metrics (loss, accuracy, lr).
+    pub epochs: Vec<EpochMetrics>,
+    /// The epoch this run resumed from, if it did.
+    pub resumed_from_epoch: Option<usize>,
     /// Validation accuracy (%) at the last epoch.
     pub val_accuracy: f64,
     /// Test accuracy (%) at the last epoch (scored once, after training).
     pub test_accuracy: f64,
+    /// Trainable parameters of the final model (safetensors, relative to the run directory).
+    pub trainable_file: String,
     /// Process peak resident memory (bytes), Linux only.
     pub peak_rss_bytes: Option<u64>,
-    /// Wall time of the whole run (seconds).
+    /// Wall time of this invocation (seconds).
     pub wall_seconds: f64,
     /// `git rev-parse HEAD` of the working directory, if available.
     pub git_revision: Option<String>,
 }
 
 /// Checkpoint identity for the record.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct CheckpointRecord {
     /// File.
     pub path: PathBuf,
@@ -121,7 +184,7 @@ pub struct CheckpointRecord {
 }
 
 /// Feature-cache facts for the record.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct CacheRecord {
     /// `kv` or `hidden`.
     pub mode: String,
@@ -160,10 +223,36 @@ fn accuracy(model: &TrunkModel, batcher: &TrunkBatcher, items: &[Item], batch: u
 }
 
 
-/// Runs the experiment; artifacts (learner logs, `run.json`) go to `out`.
-pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path) -> Result<RunRecord> {
-    let t0 = Instant::now();
-    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+/// Everything a run needs before training: data splits, input pipeline and the model.
+pub struct Prepared {
+    /// Training split.
+    pub train_set: Arc<Vec<Sample>>,
+    /// Validation split.
+    pub val_set: Arc<Vec<Sample>>,
+    /// Test split.
+    pub test_set: Arc<Vec<Sample>>,
+    /// Preprocessing.
+    pub pre: Preprocess,
+    /// The model as built (tuners injected, method initialised), not yet trained.
+    pub model: TrunkModel,
+    /// Checkpoint identity.
+    pub checkpoint: Option<CheckpointRecord>,
+    /// Number of classes.
+    pub num_classes: usize,
+}
+
+fn items(s: &[Sample]) -> Vec<Item> {
+    s.iter().enumerate().map(|(row, x)| Item { row, label: x.label }).collect()
+}
+
+impl Prepared {
+    fn image_batcher(&self, s: &Arc<Vec<Sample>>) -> TrunkBatcher {
+        TrunkBatcher::Images { samples: s.clone(), pre: self.pre.clone() }
+    }
+}
+
+/// Loads the data and builds the model of `cfg` (seeded by `train.seed`).
+pub fn prepare(cfg: &ExperimentConfig, device: &Device) -> Result<Prepared> {
     let plain = device.clone().without_autodiff();
     let ad = plain.clone().autodiff();
     plain.seed(cfg.train.seed);
@@ -179,7 +268,6 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
         test.truncate(*n);
     }
     let test_set = Arc::new(test);
-    let items = |s: &[Sample]| s.iter().enumerate().map(|(row, x)| Item { row, label: x.label }).collect::<Vec<_>>();
     let pre = Preprocess { img_size: cfg.backbone.img_size, resize: cfg.backbone.resize, normalization: cfg.backbone.normalization };
 
     // Backbone.
@@ -200,7 +288,6 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
             pos_embed_resampled: report.pos_embed_resampled.clone(),
         });
     }
-    let constant_trunk = cfg.trunk_is_constant();
     let vit = if cfg.tuners.is_empty() { vit.freeze() } else { cfg.tuners.inject(vit).map_err(anyhow::Error::msg)? };
 
     // Method.
@@ -211,47 +298,88 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
         MethodConfig::Synqt(s) => QueryMethod::Synqt(s.init(&vit, *num_classes, &ad)),
     };
     let noise = TrunkNoise { embed_dropout: cfg.train.trunk_embed_dropout, drop_path: cfg.train.trunk_drop_path };
-
-    // Feature cache over the training split.
-    let image_batcher = |s: &Arc<Vec<Sample>>| TrunkBatcher::Images { samples: s.clone(), pre: pre.clone() };
-    let (train_batcher, cache_record) = match cfg.train.cache.kind(constant_trunk) {
-        None => (image_batcher(&train_set), None),
-        Some(kind) => {
-            let bar = indicatif::ProgressBar::new(train_set.len() as u64).with_message("feature cache");
-            bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images, {elapsed} (eta {eta})").expect("template"));
-            let tc = Instant::now();
-            let batches = train_set.chunks(cfg.train.batch_size).map(|c| {
-                let imgs: Vec<_> = c.iter().map(|s| &s.image).collect();
-                let (values, shape) = pre.batch(&imgs);
-                Tensor::<4>::from_data(TensorData::new(values, shape), &plain)
-            });
-            let cache = FeatureCache::build(&vit, batches, kind, cfg.train.cache_dtype, |n| bar.inc(n as u64));
-            bar.finish();
-            let rec = CacheRecord {
-                mode: format!("{:?}", kind).to_lowercase(),
-                dtype: format!("{:?}", cfg.train.cache_dtype).to_lowercase(),
-                bytes: cache.bytes(),
-                build_seconds: tc.elapsed().as_secs_f64(),
-            };
-            (TrunkBatcher::Cached { cache: Arc::new(cache), vit: Arc::new(vit.clone()) }, Some(rec))
-        }
-    };
     let model = TrunkModel::tuned(vit, &cfg.tuners, method).with_noise(noise);
-    let (trainable, total) = vqt_models::tuners::param_counts(&model.clone().fork(&ad));
+    Ok(Prepared { train_set, val_set, test_set, pre, model, checkpoint, num_classes: *num_classes })
+}
 
+fn cache_batcher(prep: &Prepared, cfg: &ExperimentConfig, plain: &Device) -> Option<(TrunkBatcher, CacheRecord)> {
+    let kind = cfg.train.cache.kind(cfg.trunk_is_constant())?;
+    let vit = &prep.model.backbone;
+    let bar = indicatif::ProgressBar::new(prep.train_set.len() as u64).with_message("feature cache");
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images, {elapsed} (eta {eta})").expect("template"));
+    let tc = Instant::now();
+    let batches = prep.train_set.chunks(cfg.train.batch_size).map(|c| {
+        let imgs: Vec<_> = c.iter().map(|s| &s.image).collect();
+        let (values, shape) = prep.pre.batch(&imgs);
+        Tensor::<4>::from_data(TensorData::new(values, shape), plain)
+    });
+    let cache = FeatureCache::build(vit, batches, kind, cfg.train.cache_dtype, |n| bar.inc(n as u64));
+    bar.finish();
+    let rec = CacheRecord {
+        mode: format!("{:?}", kind).to_lowercase(),
+        dtype: format!("{:?}", cfg.train.cache_dtype).to_lowercase(),
+        bytes: cache.bytes(),
+        build_seconds: tc.elapsed().as_secs_f64(),
+    };
+    Some((TrunkBatcher::Cached { cache: Arc::new(cache), vit: Arc::new(vit.clone()) }, rec))
+}
+
+/// The file per-epoch metrics are kept in while a run is in progress (for `--resume`).
+const EPOCHS_FILE: &str = "epochs.json";
+/// The final trainable parameters.
+pub const TRAINABLE_FILE: &str = "trainable.safetensors";
+
+/// How to start training.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrainOptions {
+    /// Continue from the latest complete checkpoint in `<out>/checkpoint`.
+    pub resume: bool,
+    /// Device index, for the record.
+    pub device_index: Option<usize>,
+}
+
+/// Runs the experiment; artifacts (checkpoints, learner logs, `run.json`) go to `out`.
+pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path, opts: TrainOptions) -> Result<RunRecord> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    let plain = device.clone().without_autodiff();
+    let ad = plain.clone().autodiff();
+    let ckpt_dir = out.join("checkpoint");
+    let resume_from = if opts.resume {
+        let epoch = TrainableCheckpointer::latest(&ckpt_dir)
+            .ok_or_else(|| anyhow::anyhow!("{}: --resume found no complete checkpoint to continue from", ckpt_dir.display()))?;
+        anyhow::ensure!(epoch < cfg.train.epochs, "{}: the run already completed all {} epochs", ckpt_dir.display(), cfg.train.epochs);
+        Some(epoch)
+    } else {
+        None
+    };
+    let prep = prepare(cfg, device)?;
+    if resume_from.is_none() && ckpt_dir.exists() {
+        // A fresh run must not pick up stale checkpoints of an earlier one.
+        std::fs::remove_dir_all(&ckpt_dir).with_context(|| ckpt_dir.display().to_string())?;
+    }
+
+    let (train_batcher, cache_record) = match cache_batcher(&prep, cfg, &plain) {
+        Some((b, r)) => (b, Some(r)),
+        None => (prep.image_batcher(&prep.train_set), None),
+    };
+    let model = prep.model.clone();
+    // The model on the autodiff device, as the learner trains it: trainability is visible there.
+    let template = model.clone().fork(&ad);
+    let (trainable, total) = vqt_models::tuners::param_counts(&template);
+
+    let t = &cfg.train;
     let loader_train = DataLoaderBuilder::new(train_batcher)
-        .batch_size(cfg.train.batch_size)
-        .shuffle(cfg.train.seed)
-        .num_workers(cfg.train.num_workers)
-        .build(InMemDataset::new(items(&train_set)));
-    let val_batcher = image_batcher(&val_set);
+        .batch_size(t.batch_size)
+        .num_workers(t.num_workers)
+        .build(EpochShuffled::new(items(&prep.train_set), t.seed, resume_from.unwrap_or(0)));
+    let val_batcher = prep.image_batcher(&prep.val_set);
     let loader_valid = DataLoaderBuilder::new(val_batcher.clone())
-        .batch_size(cfg.train.batch_size)
-        .num_workers(cfg.train.num_workers)
-        .build(InMemDataset::new(items(&val_set)));
+        .batch_size(t.batch_size)
+        .num_workers(t.num_workers)
+        .build(InMemDataset::new(items(&prep.val_set)));
 
     // Optimiser and schedule (per iteration: linear warm-up, then cosine to 0).
-    let t = &cfg.train;
     let optim = match t.optimizer {
         OptimizerKind::Adamw => AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(t.weight_decay as f32).init(),
         OptimizerKind::Adam => AdamConfig::new().with_epsilon(1e-8).with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32))).init(),
@@ -260,7 +388,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
             .with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32)))
             .init(),
     };
-    let iters_per_epoch = train_set.len().div_ceil(t.batch_size);
+    let iters_per_epoch = prep.train_set.len().div_ceil(t.batch_size);
     let total_iters = iters_per_epoch * t.epochs;
     let warmup = (iters_per_epoch * t.warmup_epochs).min(total_iters.saturating_sub(1));
     let cosine = CosineAnnealingLrSchedulerConfig::new(t.lr, (total_iters - warmup).max(1));
@@ -275,30 +403,72 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
     }
     .map_err(|e| anyhow::anyhow!("learning-rate schedule: {e}"))?;
 
-    let result = SupervisedTraining::new(out, loader_train, loader_valid)
+    // Per-epoch metrics survive an interruption in epochs.json.
+    let epochs_path = out.join(EPOCHS_FILE);
+    let mut previous: Vec<EpochMetrics> = Vec::new();
+    if let Some(done) = resume_from {
+        if let Ok(text) = std::fs::read_to_string(&epochs_path) {
+            previous = serde_json::from_str(&text).with_context(|| epochs_path.display().to_string())?;
+        }
+        previous.retain(|e| e.epoch <= done);
+    }
+    let log = Arc::new(Mutex::new(RunLog { epochs: previous, non_finite: None, persist: Some(epochs_path.clone()) }));
+
+    let mut training = SupervisedTraining::new(out, loader_train, loader_valid)
         .metrics((AccuracyMetric::new(), LossMetric::new()))
+        .metric_train_numeric(LearningRateMetric::new())
         .num_epochs(t.epochs)
         .with_application_logger(None)
-        .launch(Learner::new(model.fork(&ad), optim, scheduler));
+        .with_custom_checkpointers(
+            TrainableCheckpointer::new(&ckpt_dir, template.clone()),
+            FileCheckpointer::new(&ckpt_dir, "optim"),
+            FileCheckpointer::new(&ckpt_dir, "scheduler"),
+        )
+        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2));
+    if let Some(epoch) = resume_from {
+        eprintln!("resuming from the checkpoint of epoch {epoch} in {}", ckpt_dir.display());
+        training = training.checkpoint(epoch);
+    }
+    let tui = tui_renderer(training.interrupter(), resume_from);
+    let renderer = EpochRenderer::new(log.clone(), training.interrupter(), tui);
+    let result = training.renderer(Box::new(renderer)).launch(Learner::new(model.fork(&ad), optim, scheduler));
+    let log = std::mem::take(&mut *log.lock().expect("run log"));
+    if let Some((epoch, iteration, value)) = log.non_finite {
+        let kept = TrainableCheckpointer::latest(&ckpt_dir)
+            .map(|e| format!("the last good checkpoint is epoch {e} ({})", TrainableCheckpointer::path(&ckpt_dir, e).display()))
+            .unwrap_or_else(|| "no epoch completed, so no checkpoint was kept".into());
+        anyhow::bail!("training stopped: loss is {value} at epoch {epoch}, iteration {iteration}; {kept}");
+    }
     if let Some(e) = result.error {
         anyhow::bail!("training failed: {e}");
     }
-    let model = result.model;
+    // The learner hands back the model without autodiff; trainability is read from the model as
+    // built, with the trained values applied.
+    let model = template.try_load_record(result.model.into_record()).map_err(|e| anyhow::anyhow!("trained model: {e}"))?;
+    let trainable_path = out.join(TRAINABLE_FILE);
+    vqt_models::tuners::save_trainable(&model, &trainable_path)?;
 
     // Final evaluation: validation and test once, at the last epoch.
-    let val_accuracy = accuracy(&model, &val_batcher, &items(&val_set), t.batch_size, &plain);
-    let test_accuracy = accuracy(&model, &image_batcher(&test_set), &items(&test_set), t.batch_size, &plain);
+    let eval_model = model.valid();
+    let val_accuracy = accuracy(&eval_model, &val_batcher, &items(&prep.val_set), t.batch_size, &plain);
+    let test_accuracy = accuracy(&eval_model, &prep.image_batcher(&prep.test_set), &items(&prep.test_set), t.batch_size, &plain);
     let record = RunRecord {
         config: cfg.clone(),
         backend: backend.to_string(),
-        checkpoint,
+        device_index: opts.device_index,
+        checkpoint: prep.checkpoint,
         method: cfg.method_name(),
+        path: if eval_model.full_path { "full" } else { "trunk" }.into(),
+        normalization: format!("{:?}", cfg.backbone.normalization).to_lowercase(),
         trainable_params: trainable,
         total_params: total,
-        split_sizes: [train_set.len(), val_set.len(), test_set.len()],
+        split_sizes: [prep.train_set.len(), prep.val_set.len(), prep.test_set.len()],
         cache: cache_record,
+        epochs: log.epochs,
+        resumed_from_epoch: resume_from,
         val_accuracy,
         test_accuracy,
+        trainable_file: TRAINABLE_FILE.into(),
         peak_rss_bytes: vqt_core::mem::proc_status_bytes("VmHWM"),
         wall_seconds: t0.elapsed().as_secs_f64(),
         git_revision: git_revision(),
@@ -306,4 +476,44 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path)
     let path = out.join("run.json");
     vqt_core::fs::write_atomic(&path, serde_json::to_string_pretty(&record)?.as_bytes()).with_context(|| path.display().to_string())?;
     Ok(record)
+}
+
+/// burn-train's terminal UI when stdout is a terminal; `None` (line-per-epoch logs) otherwise.
+fn tui_renderer(interrupter: burn::train::Interrupter, checkpoint: Option<usize>) -> Option<Box<dyn MetricsRenderer>> {
+    use std::io::IsTerminal;
+    std::io::stdout()
+        .is_terminal()
+        .then(|| Box::new(burn::train::renderer::tui::TuiMetricsRendererWrapper::new(interrupter, checkpoint)) as Box<dyn MetricsRenderer>)
+}
+
+/// Which split `eval` scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalSplit {
+    /// Training split.
+    Train,
+    /// Validation split.
+    Val,
+    /// Test split.
+    Test,
+}
+
+/// Accuracy (%) of the saved run in `run_dir` (its `run.json` config and trainable parameters)
+/// on `split`.
+pub fn evaluate(run_dir: &Path, split: EvalSplit, device: &Device) -> Result<(f64, usize)> {
+    let rpath = run_dir.join("run.json");
+    let text = std::fs::read_to_string(&rpath).with_context(|| rpath.display().to_string())?;
+    let rec: RunRecord = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", rpath.display()))?;
+    let cfg = rec.config;
+    cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", rpath.display()))?;
+    let prep = prepare(&cfg, device)?;
+    let ad = device.clone().without_autodiff().autodiff();
+    let model = vqt_models::tuners::load_trainable(prep.model.clone().fork(&ad), &run_dir.join(&rec.trainable_file))?;
+    let set = match split {
+        EvalSplit::Train => &prep.train_set,
+        EvalSplit::Val => &prep.val_set,
+        EvalSplit::Test => &prep.test_set,
+    };
+    let plain = device.clone().without_autodiff();
+    let acc = accuracy(&model.valid(), &prep.image_batcher(set), &items(set), cfg.train.batch_size, &plain);
+    Ok((acc, set.len()))
 }

@@ -100,8 +100,11 @@ num_workers = 1
 fn train_ok(tag: &str, method: &str, cache: &str, backend: &str, extra: &[&str]) -> serde_json::Value {
     let d = tmp(tag);
     let cfg = config(&d, method, cache);
-    let out = d.join("run");
-    let o = bin().args(["train", "--backend", backend, "--config"]).arg(&cfg).arg("--out").arg(&out).args(extra).output().unwrap();
+    train_in(tag, &cfg, &d.join("run"), backend, extra)
+}
+
+fn train_in(tag: &str, cfg: &Path, out: &Path, backend: &str, extra: &[&str]) -> serde_json::Value {
+    let o = bin().args(["train", "--backend", backend, "--config"]).arg(cfg).arg("--out").arg(out).args(extra).output().unwrap();
     assert!(o.status.success(), "{tag}: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(rec["split_sizes"], serde_json::json!([48, 12, 30]));
@@ -170,4 +173,107 @@ fn bad_input_is_one_line_with_exit_code_2() {
     assert!(e.contains("set train.cache = \\\"off\\\"") || e.contains("set train.cache = \"off\""), "{e}");
     let e = err_of(&["train", "--config", cfg_s, "--set", "data.train_range=[0, 500]"]);
     assert!(e.contains("data.train_range [0, 500] exceeds the 60 images"), "{e}");
+}
+
+const ADAPTFORMER: &str = "kind = \"linear\"\n[tuners.adaptformer]\nbottleneck = 4\nscale = 0.1\ndropout = 0.0";
+
+#[test]
+fn adaptformer_and_vqt_train_on_wgpu_through_the_binary() {
+    let rec = train_ok("af-wgpu", ADAPTFORMER, "auto", "wgpu-cpu", &["--set", "train.epochs=2"]);
+    assert_eq!(rec["method"], "adaptformer");
+    assert_eq!(rec["path"], "full");
+    assert!(rec["cache"].is_null(), "a tuned trunk cannot be cached");
+    // 4 blocks x (64*4 + 4 + 4*64 + 64) adapter params + the 64x3 head.
+    assert_eq!(rec["trainable_params"], 4 * (64 * 4 + 4 + 4 * 64 + 64) + 64 * 3 + 3);
+    assert_eq!(rec["epochs"].as_array().unwrap().len(), 2);
+    let rec = train_ok("vqt-wgpu", "kind = \"vqt\"\nnum_queries = 1", "auto", "wgpu-cpu", &["--set", "train.epochs=2"]);
+    assert_eq!((rec["method"].as_str(), rec["path"].as_str(), rec["cache"]["mode"].as_str()), (Some("vqt"), Some("trunk"), Some("kv")));
+}
+
+fn epoch_losses(rec: &serde_json::Value) -> Vec<(f64, f64)> {
+    rec["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["train"]["loss"].as_f64().unwrap(), e["valid"]["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn an_interrupted_adaptformer_run_resumes_to_the_same_result_and_evaluates() {
+    let d = tmp("resume");
+    let cfg = config(&d, ADAPTFORMER, "auto");
+    let out = d.join("run");
+    let full = train_in("resume-full", &cfg, &out, "cpu", &["--set", "train.epochs=4"]);
+    let epochs = full["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 4);
+    assert!(epochs[0]["train"]["lr"].as_f64().is_some() && epochs[3]["valid"]["accuracy"].as_f64().is_some(), "{}", full["epochs"]);
+    // Checkpoints hold the trainable tensors only: a few KB, not the backbone.
+    let ckpt = out.join("checkpoint");
+    let size = std::fs::metadata(ckpt.join("trainable-4.safetensors")).unwrap().len();
+    let trainable = full["trainable_params"].as_u64().unwrap();
+    assert!(size < trainable * 4 + 8192 && trainable * 10 < full["total_params"].as_u64().unwrap(), "{size} bytes");
+
+    // Simulate a crash during epoch 4: its checkpoint and the run record were never written.
+    for f in ["trainable-4.safetensors", "optim-4.bpk", "scheduler-4.bpk"] {
+        std::fs::remove_file(ckpt.join(f)).unwrap();
+    }
+    std::fs::remove_file(out.join("run.json")).unwrap();
+    let resumed = train_in("resume-rest", &cfg, &out, "cpu", &["--set", "train.epochs=4", "--resume"]);
+    assert_eq!(resumed["resumed_from_epoch"], 3);
+    let (a, b) = (epoch_losses(&full), epoch_losses(&resumed));
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x.0 - y.0).abs() < 1e-6 && (x.1 - y.1).abs() < 1e-6, "epoch {}: {x:?} vs {y:?}", i + 1);
+    }
+    assert_eq!(full["test_accuracy"], resumed["test_accuracy"]);
+    assert_eq!(full["val_accuracy"], resumed["val_accuracy"]);
+
+    // `eval` scores the saved run from its record and trainable parameters.
+    let o = bin().args(["eval", "--run"]).arg(&out).args(["--split", "test"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let want = format!("Test accuracy {:.2}% (30 images)", resumed["test_accuracy"].as_f64().unwrap());
+    assert!(text.contains(&want), "{text} lacks {want}");
+
+    // Nothing left to resume is an error, as is resuming a directory without checkpoints.
+    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--set", "train.epochs=4", "--resume"]);
+    assert!(e.contains("already completed all 4 epochs"), "{e}");
+    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--out", d.join("empty").to_str().unwrap(), "--resume"]);
+    assert!(e.contains("found no complete checkpoint"), "{e}");
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_a_one_line_error_and_no_run_record() {
+    // A checkpoint whose final LayerNorm scale is infinite: the very first loss is NaN.
+    let d = tmp("nan");
+    let src = std::fs::read(root().join("fixtures/tiny-a/vit.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&src).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, v) in st.tensors() {
+        let mut bytes = v.data().to_vec();
+        if name == "norm.weight" {
+            bytes = bytes.chunks(4).flat_map(|_| f32::INFINITY.to_le_bytes()).collect();
+        }
+        tensors.push((name, v.shape().to_vec(), bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        tensors.iter().map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())).collect();
+    let bad = d.join("inf.safetensors");
+    safetensors::serialize_to_file(views, None, &bad).unwrap();
+    let cfg = config(&d, ADAPTFORMER, "auto");
+    let out = d.join("run");
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .args(["--set", &format!("backbone.checkpoint=\"{}\"", bad.display())])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    let last = e.trim_end().lines().last().unwrap();
+    assert!(last.contains("training stopped: loss is NaN at epoch 1, iteration 1; no epoch completed"), "{e}");
+    assert!(!out.join("run.json").exists());
 }

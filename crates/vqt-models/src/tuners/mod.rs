@@ -17,7 +17,7 @@ pub mod vpt;
 use crate::vit::Vit;
 use adapter::{AdapterConfig, AdapterKind};
 use adaptformer::AdaptFormerConfig;
-use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Tensor;
 use lora::LoraConfig;
@@ -301,26 +301,92 @@ pub enum TrainableError {
     },
 }
 
+/// Metadata key of the parameter ids in trainable-parameter files (`{path: id}` as JSON). Burn's
+/// optimizer state is keyed by parameter id, so a resumed run needs its parameters to carry the
+/// ids they had when the optimizer state was saved.
+pub const PARAM_IDS_KEY: &str = "vqt.param_ids";
+
+fn param_ids<M: Module>(module: &M) -> std::collections::BTreeMap<String, u64> {
+    struct Ids {
+        paths: TensorPaths,
+        out: std::collections::BTreeMap<String, u64>,
+    }
+    impl ModuleVisitor for Ids {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.paths.enter_module(name, container_type);
+        }
+        fn exit_module(&mut self, name: &str, container_type: &str) {
+            self.paths.exit_module(name, container_type);
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.out.insert(self.paths.path.join("."), param.id.val());
+        }
+    }
+    let mut v = Ids { paths: TensorPaths::default(), out: Default::default() };
+    module.visit(&mut v);
+    v.out
+}
+
+/// Gives the tensors at the listed paths the listed parameter ids.
+fn set_param_ids<M: Module>(module: M, ids: &std::collections::BTreeMap<String, u64>) -> M {
+    struct SetIds<'a> {
+        paths: TensorPaths,
+        ids: &'a std::collections::BTreeMap<String, u64>,
+    }
+    impl ModuleMapper for SetIds<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.paths.enter_module(name, container_type);
+        }
+        fn exit_module(&mut self, name: &str, container_type: &str) {
+            self.paths.exit_module(name, container_type);
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            match self.ids.get(&self.paths.path.join(".")) {
+                Some(&id) => {
+                    let (_, value, mapper) = param.consume();
+                    Param::from_mapped_value(ParamId::from(id), value, mapper)
+                }
+                None => param,
+            }
+        }
+    }
+    module.map(&mut SetIds { paths: TensorPaths::default(), ids })
+}
+
 /// Writes only the trainable tensors of `module` (on an autodiff device) to a safetensors file
-/// with stable module-path names; the write is atomic. Returns the names written.
+/// with stable module-path names (and their parameter ids in the metadata); the write is atomic.
+/// Returns the names written.
 pub fn save_trainable<M: Module>(module: &M, path: &Path) -> Result<Vec<String>, TrainableError> {
     let names: Vec<String> = tensor_infos(module).into_iter().filter(|i| i.trainable).map(|i| i.path).collect();
     let io = |msg: String| TrainableError::Io { path: path.display().to_string(), msg };
     if names.is_empty() {
         return Err(io("the model has no trainable tensors (is it on an autodiff device?)".into()));
     }
-    let mut store = SafetensorsStore::from_bytes(None).skip_enum_variants(true).with_full_paths(names.clone());
+    let ids: std::collections::BTreeMap<String, u64> = param_ids(module).into_iter().filter(|(k, _)| names.contains(k)).collect();
+    let ids = serde_json::to_string(&ids).expect("ids serialise");
+    let mut store = SafetensorsStore::from_bytes(None)
+        .skip_enum_variants(true)
+        .with_full_paths(names.clone())
+        .metadata(PARAM_IDS_KEY, ids);
     module.save_into(&mut store).map_err(|e| io(e.to_string()))?;
     let bytes = store.get_bytes().map_err(|e| io(e.to_string()))?;
     vqt_core::fs::write_atomic(path, &bytes).map_err(|e| io(e.to_string()))?;
     Ok(names)
 }
 
-/// Loads a file written by [`save_trainable`] into `module`. Every tensor in the file must
-/// exist in the model with the same shape; tensors the file lacks keep their values.
+/// Loads a file written by [`save_trainable`] into `module` (and restores the saved parameter
+/// ids, so optimizer state saved alongside applies). Every tensor in the file must exist in the
+/// model with the same shape; tensors the file lacks keep their values. Load into the model on
+/// the autodiff device it trains on.
 pub fn load_trainable<M: Module>(module: M, path: &Path) -> Result<M, TrainableError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| TrainableError::Io { path: p.clone(), msg: e.to_string() })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| TrainableError::Io { path: p.clone(), msg: format!("not a safetensors file: {e}") })?;
+    let ids: std::collections::BTreeMap<String, u64> = match meta.metadata().as_ref().and_then(|m| m.get(PARAM_IDS_KEY)) {
+        Some(json) => serde_json::from_str(json).map_err(|e| TrainableError::Io { path: p.clone(), msg: format!("metadata `{PARAM_IDS_KEY}`: {e}") })?,
+        None => Default::default(),
+    };
     let mut store = SafetensorsStore::from_bytes(Some(bytes)).skip_enum_variants(true).allow_partial(true);
     let mut module = module;
     let report = module.load_from(&mut store).map_err(|e| TrainableError::Io { path: p.clone(), msg: e.to_string() })?;
@@ -331,5 +397,5 @@ pub fn load_trainable<M: Module>(module: M, path: &Path) -> Result<M, TrainableE
         let msgs: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
         return Err(TrainableError::Mismatch { path: p, msg: msgs.join("; ") });
     }
-    Ok(module)
+    Ok(set_param_ids(module, &ids))
 }
