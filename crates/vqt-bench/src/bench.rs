@@ -18,7 +18,40 @@ use vqt_models::query::{SynqtConfig, VqtConfig};
 use vqt_models::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel, VitConfig};
 
 /// Methods `step` can measure.
-pub const METHODS: [&str; 5] = ["linear", "vqt", "synqt", "vqt-cached", "full-ft"];
+pub const METHODS: [&str; 13] = [
+    "linear",
+    "vqt",
+    "synqt",
+    "vqt-cached",
+    "full-ft",
+    "lora",
+    "adaptformer",
+    "vpt-deep",
+    "bitfit",
+    "ssf",
+    "houlsby",
+    "pfeiffer",
+    "vqt-adaptformer",
+];
+
+/// The backbone tuners of a method name, at the settings the literature's VTAB tables use
+/// (LoRA r = 8 on q/v, AdaptFormer b = 8, VPT-deep 10 prompts, Houlsby b = 8, Pfeiffer D/8).
+pub fn method_tuners(method: &str, width: usize) -> vqt_models::tuners::TunersConfig {
+    use vqt_models::tuners::adapter::{AdapterActivation, AdapterConfig, AdapterKind};
+    use vqt_models::tuners::{adaptformer::AdaptFormerConfig, lora::LoraConfig, ssf::SsfConfig, vpt::VptConfig, TunersConfig};
+    let adapter = |kind, bottleneck| Some(AdapterConfig { kind, bottleneck, activation: AdapterActivation::Gelu });
+    let af = || Some(AdaptFormerConfig { bottleneck: 8, scale: 0.1, dropout: 0.1 });
+    match method {
+        "lora" => TunersConfig { lora: Some(LoraConfig { rank: 8, alpha: None, targets: vec!["q".into(), "v".into()] }), ..Default::default() },
+        "adaptformer" | "vqt-adaptformer" => TunersConfig { adaptformer: af(), ..Default::default() },
+        "vpt-deep" => TunersConfig { vpt: Some(VptConfig { num_tokens: 10, deep: true, dropout: 0.1 }), ..Default::default() },
+        "bitfit" => TunersConfig { bitfit: true, ..Default::default() },
+        "ssf" => TunersConfig { ssf: Some(SsfConfig::default()), ..Default::default() },
+        "houlsby" => TunersConfig { adapter: adapter(AdapterKind::Houlsby, 8), ..Default::default() },
+        "pfeiffer" => TunersConfig { adapter: adapter(AdapterKind::Pfeiffer, width / 8), ..Default::default() },
+        _ => TunersConfig::default(),
+    }
+}
 
 /// What one `step` run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,18 +194,21 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
     } else {
         let vit = o.vit.clone().init(&plain);
         let (d, depth, p) = (vit.embed_dim(), vit.depth(), o.vit.patch_size);
+        let tuners = method_tuners(method, d);
         let m = match method {
-            "linear" => QueryMethod::Linear(LinearConfig::new(d, c).init(&ad)),
-            "vqt" | "vqt-cached" => QueryMethod::Vqt(VqtConfig { num_queries: 1, query_dropout: 0.1 }.init(depth, d, p, c, &ad)),
+            "linear" | "lora" | "adaptformer" | "vpt-deep" | "bitfit" | "ssf" | "houlsby" | "pfeiffer" => {
+                QueryMethod::Linear(LinearConfig::new(d, c).init(&ad))
+            }
+            "vqt" | "vqt-cached" | "vqt-adaptformer" => QueryMethod::Vqt(VqtConfig { num_queries: 1, query_dropout: 0.1 }.init(depth, d, p, c, &ad)),
             "synqt" => QueryMethod::Synqt(
                 SynqtConfig { num_tokens: 1, feat_scale: 0.1, attn_scale: 0.1, ffn_scale: 0.1, dropout: 0.1, head_drop_path: 0.3, kem_drop_path: 0.0 }
                     .init(&vit, c, &ad),
             ),
             other => return Err(format!("unknown method `{other}` (known: {})", METHODS.join(", "))),
         };
-        let mut model = TrunkModel::new(vit, m);
-        trainable = model.num_trainable();
-        total = model.num_params();
+        let vit = if tuners.is_empty() { vit } else { tuners.inject(vit)? };
+        let mut model = TrunkModel::tuned(vit, &tuners, m);
+        (trainable, total) = vqt_models::tuners::param_counts(&model.clone().fork(&ad));
         materialize(&model);
         let cache = if method == "vqt-cached" {
             let t0 = Instant::now();

@@ -1,4 +1,6 @@
-//! vqt-bench: parity checks against reference fixtures, and (later) memory/speed comparisons.
+//! vqt-bench: parity checks against reference fixtures, memory/speed measurements per method,
+//! and reports aggregated from training run records.
 
-pub mod parity;
 pub mod bench;
+pub mod parity;
+pub mod report;

@@ -32,14 +32,28 @@ enum Command {
     /// Measure peak memory and step time of training methods, each in its own child process;
     /// writes `<out>.json` and `<out>.md` (ratios to full fine-tuning).
     Memory {
-        /// Comma-separated methods: linear, vqt, synqt, vqt-cached, full-ft.
-        #[arg(long, default_value = "linear,vqt,vqt-cached,synqt,full-ft")]
+        /// Comma-separated methods: linear, vqt, synqt, vqt-cached, full-ft, lora, adaptformer,
+        /// vpt-deep, bitfit, ssf, houlsby, pfeiffer, vqt-adaptformer.
+        #[arg(long, default_value = "linear,vqt,vqt-cached,synqt,lora,adaptformer,vpt-deep,bitfit,ssf,houlsby,pfeiffer,vqt-adaptformer,full-ft")]
         methods: String,
         #[command(flatten)]
         shape: Shape,
         /// Output path prefix (`.json` and `.md` are appended).
         #[arg(long, default_value = "docs/results/memory")]
         out: PathBuf,
+    },
+    /// Aggregate `vqt-train` run records (run.json, found under the given paths) per method over
+    /// seeds; writes `<out>.md` and `<out>.json` and prints the table.
+    Report {
+        /// Run directories or parents of them.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Output path prefix.
+        #[arg(long)]
+        out: PathBuf,
+        /// Heading of the markdown table.
+        #[arg(long)]
+        title: Option<String>,
     },
     /// Measure one method in this process and print one JSON line (used by `memory`).
     Step {
@@ -155,6 +169,15 @@ fn run() -> Result<()> {
                 std::process::exit(1);
             }
             println!("parity passed for {} fixture(s) on {backend}", reports.len());
+            Ok(())
+        }
+        Command::Report { runs, out, title } => {
+            let paths = vqt_bench::report::find_runs(&runs).map_err(anyhow::Error::msg)?;
+            let rows = vqt_bench::report::aggregate(&paths).map_err(anyhow::Error::msg)?;
+            let md = vqt_bench::report::markdown(&rows, title.as_deref());
+            write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&rows)?)?;
+            write_atomic(&out.with_extension("md"), &md)?;
+            print!("{md}");
             Ok(())
         }
         Command::Step { method, shape } => {

@@ -100,3 +100,31 @@ fn bad_inputs_give_one_line_errors() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("vit.safetensors: not a readable safetensors file"), "{err}");
 }
+
+#[test]
+fn report_aggregates_runs_per_method_over_seeds() {
+    let d = tmpdir("report");
+    let run = |method: &str, seed: u64, test: f64| {
+        let dir = d.join(method).join(format!("seed-{seed}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rec = serde_json::json!({
+            "method": method, "backend": "cpu", "test_accuracy": test, "val_accuracy": test - 1.0,
+            "trainable_params": 1234, "total_params": 99999, "peak_rss_bytes": 100u64 << 20,
+            "wall_seconds": 2.0, "path": "trunk", "config": {"train": {"seed": seed}}
+        });
+        std::fs::write(dir.join("run.json"), rec.to_string()).unwrap();
+    };
+    run("vqt", 42, 80.0);
+    run("vqt", 43, 84.0);
+    run("linear", 42, 70.0);
+    let out = d.join("report");
+    let o = bench().arg("report").arg(&d).arg("--out").arg(&out).args(["--title", "T"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
+    // mean 82, sample std sqrt(8) = 2.83
+    assert!(md.contains("| vqt | trunk | 2 (42, 43) | 82.00 ± 2.83 | 81.00 | 1234 | 100 | 2.0 |"), "{md}");
+    assert!(md.contains("| linear | trunk | 1 (42) | 70.00 ± 0.00 |"), "{md}");
+    let e = bench().args(["report", "/nope/runs", "--out"]).arg(&out).output().unwrap();
+    assert_eq!(e.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("/nope/runs: no such file or directory"));
+}

@@ -150,6 +150,14 @@ pub struct TrainConfig {
     /// Data-loader worker threads.
     #[serde(default = "default_workers")]
     pub num_workers: usize,
+    /// Accumulate gradients over this many batches before each optimizer step (1 = off).
+    /// burn-train sums (does not average) the accumulated gradients: scale `lr` accordingly.
+    #[serde(default = "default_accum")]
+    pub grad_accumulation: usize,
+    /// Stop when the validation loss has not improved for this many epochs (absent: train all
+    /// epochs, as the VTAB protocol does).
+    #[serde(default)]
+    pub early_stopping_patience: Option<usize>,
     /// Faithful mode: VQT embedding dropout in the trunk (official 0.1); needs `cache = "off"`.
     #[serde(default)]
     pub trunk_embed_dropout: f64,
@@ -160,6 +168,9 @@ pub struct TrainConfig {
 
 fn default_optim() -> OptimizerKind {
     OptimizerKind::Adamw
+}
+fn default_accum() -> usize {
+    1
 }
 fn default_seed() -> u64 {
     42
@@ -224,8 +235,11 @@ impl ExperimentConfig {
     /// Cross-field checks; messages name the keys.
     pub fn validate(&self) -> Result<(), String> {
         let t = &self.train;
-        if t.epochs == 0 || t.batch_size == 0 {
-            return Err("train.epochs and train.batch_size must be positive".into());
+        if t.epochs == 0 || t.batch_size == 0 || t.grad_accumulation == 0 {
+            return Err("train.epochs, train.batch_size and train.grad_accumulation must be positive".into());
+        }
+        if t.early_stopping_patience == Some(0) {
+            return Err("train.early_stopping_patience must be at least 1 epoch".into());
         }
         if !(t.lr > 0.0 && t.lr <= 1.0) {
             return Err(format!("train.lr {} must be in (0, 1]", t.lr));

@@ -388,7 +388,8 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
             .with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32)))
             .init(),
     };
-    let iters_per_epoch = prep.train_set.len().div_ceil(t.batch_size);
+    // The schedule advances once per optimizer step (after `grad_accumulation` batches).
+    let iters_per_epoch = prep.train_set.len().div_ceil(t.batch_size).div_ceil(t.grad_accumulation);
     let total_iters = iters_per_epoch * t.epochs;
     let warmup = (iters_per_epoch * t.warmup_epochs).min(total_iters.saturating_sub(1));
     let cosine = CosineAnnealingLrSchedulerConfig::new(t.lr, (total_iters - warmup).max(1));
@@ -425,6 +426,19 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
             FileCheckpointer::new(&ckpt_dir, "scheduler"),
         )
         .with_checkpointing_strategy(KeepLastNCheckpoints::new(2));
+    if t.grad_accumulation > 1 {
+        training = training.grads_accumulation(t.grad_accumulation);
+    }
+    if let Some(n_epochs) = t.early_stopping_patience {
+        use burn::train::metric::store::{Aggregate, Direction, Split};
+        training = training.early_stopping(burn::train::MetricEarlyStoppingStrategy::new(
+            &LossMetric::new(),
+            Aggregate::Mean,
+            Direction::Lowest,
+            Split::Valid,
+            burn::train::StoppingCondition::NoImprovementSince { n_epochs },
+        ));
+    }
     if let Some(epoch) = resume_from {
         eprintln!("resuming from the checkpoint of epoch {epoch} in {}", ckpt_dir.display());
         training = training.checkpoint(epoch);

@@ -277,3 +277,22 @@ fn a_non_finite_loss_stops_with_a_one_line_error_and_no_run_record() {
     assert!(last.contains("training stopped: loss is NaN at epoch 1, iteration 1; no epoch completed"), "{e}");
     assert!(!out.join("run.json").exists());
 }
+
+#[test]
+fn gradient_accumulation_and_early_stopping_are_wired() {
+    let rec = train_ok(
+        "accum",
+        "kind = \"linear\"",
+        "auto",
+        "cpu",
+        &["--set", "train.grad_accumulation=2", "--set", "train.early_stopping_patience=1", "--set", "train.epochs=30", "--set", "train.lr=0.5"],
+    );
+    let epochs = rec["epochs"].as_array().unwrap().len();
+    // lr 0.5 on a linear head overshoots quickly: validation loss stops improving long before 30.
+    assert!((2..30).contains(&epochs), "early stopping did not stop: {epochs} epochs");
+    assert_eq!(rec["config"]["train"]["grad_accumulation"], 2);
+    let d = tmp("accum-bad");
+    let cfg = config(&d, "kind = \"linear\"", "auto");
+    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--set", "train.early_stopping_patience=0"]);
+    assert!(e.contains("train.early_stopping_patience must be at least 1"), "{e}");
+}

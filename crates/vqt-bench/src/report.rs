@@ -1,0 +1,156 @@
+//! `vqt-bench report`: run records (`run.json` of `vqt-train train`) aggregated per method over
+//! seeds into a markdown table and JSON: test accuracy mean ± std (last epoch, scored once),
+//! validation accuracy, trainable parameters, process peak memory and wall time.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The fields of a run record the report reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunSummary {
+    /// Method name (`vqt`, `linear+lora`, …).
+    pub method: String,
+    /// Backend.
+    pub backend: String,
+    /// Test accuracy (%), last epoch.
+    pub test_accuracy: f64,
+    /// Validation accuracy (%), last epoch.
+    pub val_accuracy: f64,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// All parameters.
+    pub total_params: usize,
+    /// Process peak RSS (bytes).
+    pub peak_rss_bytes: Option<u64>,
+    /// Wall time (s).
+    pub wall_seconds: f64,
+    /// `trunk` or `full`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// The resolved config (for the seed).
+    pub config: serde_json::Value,
+}
+
+/// One method aggregated over its runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodRow {
+    /// Method.
+    pub method: String,
+    /// Number of runs (seeds).
+    pub runs: usize,
+    /// Seeds, in order.
+    pub seeds: Vec<u64>,
+    /// Test accuracy mean (%).
+    pub test_mean: f64,
+    /// Test accuracy sample standard deviation (0 for one run).
+    pub test_std: f64,
+    /// Validation accuracy mean (%).
+    pub val_mean: f64,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// Peak RSS mean (MiB), when recorded.
+    pub peak_rss_mib: Option<f64>,
+    /// Wall time mean (s).
+    pub wall_seconds: f64,
+    /// `trunk` or `full`.
+    pub path: Option<String>,
+}
+
+/// Every `run.json` at or below `dirs` (one level of nesting per seed directory is enough).
+pub fn find_runs(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>, depth: usize) {
+        if p.is_file() && p.file_name().is_some_and(|n| n == "run.json") {
+            out.push(p.to_path_buf());
+        } else if p.is_dir() && depth < 4 {
+            if let Ok(rd) = std::fs::read_dir(p) {
+                let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                entries.sort();
+                for e in entries {
+                    walk(&e, out, depth + 1);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for d in dirs {
+        if !d.exists() {
+            return Err(format!("{}: no such file or directory", d.display()));
+        }
+        walk(d, &mut out, 0);
+    }
+    if out.is_empty() {
+        return Err(format!("no run.json under {}", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")));
+    }
+    Ok(out)
+}
+
+/// Reads and aggregates the runs, one row per method, in first-seen order.
+pub fn aggregate(paths: &[PathBuf]) -> Result<Vec<MethodRow>, String> {
+    let mut groups: BTreeMap<usize, (String, Vec<RunSummary>)> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let r: RunSummary = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+        let i = match order.iter().position(|m| *m == r.method) {
+            Some(i) => i,
+            None => {
+                order.push(r.method.clone());
+                order.len() - 1
+            }
+        };
+        groups.entry(i).or_insert_with(|| (r.method.clone(), Vec::new())).1.push(r);
+    }
+    Ok(groups
+        .into_values()
+        .map(|(method, runs)| {
+            let n = runs.len() as f64;
+            let test_mean = runs.iter().map(|r| r.test_accuracy).sum::<f64>() / n;
+            let test_std = if runs.len() > 1 {
+                (runs.iter().map(|r| (r.test_accuracy - test_mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+            } else {
+                0.0
+            };
+            let rss: Vec<f64> = runs.iter().filter_map(|r| r.peak_rss_bytes).map(|b| b as f64 / (1024.0 * 1024.0)).collect();
+            MethodRow {
+                method,
+                runs: runs.len(),
+                seeds: runs.iter().filter_map(|r| r.config.pointer("/train/seed").and_then(|s| s.as_u64())).collect(),
+                test_mean,
+                test_std,
+                val_mean: runs.iter().map(|r| r.val_accuracy).sum::<f64>() / n,
+                trainable_params: runs[0].trainable_params,
+                peak_rss_mib: (!rss.is_empty()).then(|| rss.iter().sum::<f64>() / rss.len() as f64),
+                wall_seconds: runs.iter().map(|r| r.wall_seconds).sum::<f64>() / n,
+                path: runs[0].path.clone(),
+            }
+        })
+        .collect())
+}
+
+/// The markdown table (`title` as a heading when given).
+pub fn markdown(rows: &[MethodRow], title: Option<&str>) -> String {
+    let mut s = String::new();
+    if let Some(t) = title {
+        s += &format!("# {t}\n\n");
+    }
+    s += "| method | path | runs (seeds) | test acc % (mean ± std) | val acc % | trainable params | peak RSS MiB | wall s / run |\n";
+    s += "|---|---|---|---:|---:|---:|---:|---:|\n";
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} ({}) | {:.2} ± {:.2} | {:.2} | {} | {} | {:.1} |\n",
+            r.method,
+            r.path.as_deref().unwrap_or("–"),
+            r.runs,
+            r.seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+            r.test_mean,
+            r.test_std,
+            r.val_mean,
+            r.trainable_params,
+            r.peak_rss_mib.map(|m| format!("{m:.0}")).unwrap_or_else(|| "–".into()),
+            r.wall_seconds
+        );
+    }
+    s += "\nTest accuracy is scored once, at the last epoch; std is the sample standard deviation over seeds. Peak RSS is the whole process (data, backbone, cache and training).\n";
+    s
+}
