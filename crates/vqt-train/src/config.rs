@@ -147,6 +147,11 @@ pub struct TrainConfig {
     /// Cache storage dtype.
     #[serde(default = "default_cache_dtype")]
     pub cache_dtype: CacheDtype,
+    /// Keep the feature cache in this file (memory-mapped): opened when it exists and was built
+    /// for this backbone, data and preprocessing (`vqt-train cache` builds it ahead of time),
+    /// otherwise built and written there. Absent: the cache lives in RAM for the run only.
+    #[serde(default)]
+    pub cache_file: Option<PathBuf>,
     /// Data-loader worker threads.
     #[serde(default = "default_workers")]
     pub num_workers: usize,

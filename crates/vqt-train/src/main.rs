@@ -40,6 +40,35 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Build the training split's feature cache ahead of time into a file (memory-mapped by
+    /// later runs whose config sets `train.cache_file` to it).
+    Cache {
+        /// Experiment config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config field (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Cache file (default: the config's `train.cache_file`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Per-layer features (class token and mean patch token of every block, final class token)
+    /// of a split, with labels, to a safetensors file for analysis.
+    Extract {
+        /// Experiment config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config field (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Which split.
+        #[arg(long, value_enum, default_value = "train")]
+        split: vqt_train::run::EvalSplit,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Score a saved run (its run.json and trainable parameters) on a split.
     Eval {
         /// The run directory (holds run.json and trainable.safetensors).
@@ -62,6 +91,23 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let backend: BackendKind = cli.backend.parse()?;
     match cli.command {
+        Command::Cache { config, overrides, out } => {
+            let cfg = vqt_train::config::load(&config, &overrides)?;
+            let path = out
+                .or_else(|| cfg.train.cache_file.clone())
+                .ok_or_else(|| anyhow::anyhow!("{}: give --out or set train.cache_file", config.display()))?;
+            let device = make_device(backend, cli.device)?;
+            let (n, bytes) = vqt_train::run::build_cache_file(&cfg, &device, &path)?;
+            println!("{}: feature cache of {n} images, {:.1} MiB", path.display(), bytes as f64 / 1048576.0);
+            Ok(())
+        }
+        Command::Extract { config, overrides, split, out } => {
+            let cfg = vqt_train::config::load(&config, &overrides)?;
+            let device = make_device(backend, cli.device)?;
+            let n = vqt_train::run::extract(&cfg, &device, split, &out)?;
+            println!("{}: per-layer features of {n} {split:?} images", out.display());
+            Ok(())
+        }
         Command::Eval { run, split } => {
             let device = make_device(backend, cli.device)?;
             let (acc, n) = vqt_train::run::evaluate(&run, split, &device)?;

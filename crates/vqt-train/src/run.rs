@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vqt_core::data::preprocess::Preprocess;
 use vqt_core::data::Sample;
-use vqt_models::cache::FeatureCache;
+use vqt_models::cache::{CacheKind, FeatureCache};
 use vqt_models::vit::load::default_resample;
 use vqt_models::vit::TrunkNoise;
 use vqt_models::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel, Vit};
@@ -302,26 +302,122 @@ pub fn prepare(cfg: &ExperimentConfig, device: &Device) -> Result<Prepared> {
     Ok(Prepared { train_set, val_set, test_set, pre, model, checkpoint, num_classes: *num_classes })
 }
 
-fn cache_batcher(prep: &Prepared, cfg: &ExperimentConfig, plain: &Device) -> Option<(TrunkBatcher, CacheRecord)> {
-    let kind = cfg.train.cache.kind(cfg.trunk_is_constant())?;
-    let vit = &prep.model.backbone;
+/// What a feature cache is valid for: checkpoint identity (or the seed of a random backbone),
+/// backbone shape, training split, input pipeline, cache kind and dtype.
+pub fn cache_key(cfg: &ExperimentConfig, prep: &Prepared, kind: CacheKind) -> String {
+    let ckpt = match &prep.checkpoint {
+        Some(c) => format!("sha256:{}", c.sha256),
+        None => format!("random-init-seed:{}", cfg.train.seed),
+    };
+    let DataConfig::Idx { train_images, train_range, .. } = &cfg.data;
+    format!(
+        "{ckpt};vit={:?};data={}{:?};img={};resize={:?};norm={:?};kind={:?};dtype={:?}",
+        cfg.vit_config(),
+        train_images.display(),
+        train_range,
+        cfg.backbone.img_size,
+        cfg.backbone.resize,
+        cfg.backbone.normalization,
+        kind,
+        cfg.train.cache_dtype
+    )
+}
+
+/// Builds the feature cache of the training split (one trunk pass, with a progress bar).
+fn build_cache(prep: &Prepared, cfg: &ExperimentConfig, kind: CacheKind, plain: &Device) -> FeatureCache {
     let bar = indicatif::ProgressBar::new(prep.train_set.len() as u64).with_message("feature cache");
     bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images, {elapsed} (eta {eta})").expect("template"));
-    let tc = Instant::now();
     let batches = prep.train_set.chunks(cfg.train.batch_size).map(|c| {
         let imgs: Vec<_> = c.iter().map(|s| &s.image).collect();
         let (values, shape) = prep.pre.batch(&imgs);
         Tensor::<4>::from_data(TensorData::new(values, shape), plain)
     });
-    let cache = FeatureCache::build(vit, batches, kind, cfg.train.cache_dtype, |n| bar.inc(n as u64));
+    let cache = FeatureCache::build(&prep.model.backbone, batches, kind, cfg.train.cache_dtype, |n| bar.inc(n as u64));
     bar.finish();
+    cache
+}
+
+fn cache_batcher(prep: &Prepared, cfg: &ExperimentConfig, plain: &Device) -> Result<Option<(TrunkBatcher, CacheRecord)>> {
+    let Some(kind) = cfg.train.cache.kind(cfg.trunk_is_constant()) else { return Ok(None) };
+    let tc = Instant::now();
+    let cache = match &cfg.train.cache_file {
+        Some(path) if path.exists() => FeatureCache::open(path, &cache_key(cfg, prep, kind))?,
+        Some(path) => {
+            let c = build_cache(prep, cfg, kind, plain);
+            c.save(path, &cache_key(cfg, prep, kind))?;
+            c
+        }
+        None => build_cache(prep, cfg, kind, plain),
+    };
     let rec = CacheRecord {
         mode: format!("{:?}", kind).to_lowercase(),
         dtype: format!("{:?}", cfg.train.cache_dtype).to_lowercase(),
         bytes: cache.bytes(),
         build_seconds: tc.elapsed().as_secs_f64(),
     };
-    Some((TrunkBatcher::Cached { cache: Arc::new(cache), vit: Arc::new(vit.clone()) }, rec))
+    Ok(Some((TrunkBatcher::Cached { cache: Arc::new(cache), vit: Arc::new(prep.model.backbone.clone()) }, rec)))
+}
+
+/// `vqt-train cache`: builds the training split's feature cache into `path` (atomically, with
+/// its validity key) so later runs of the same backbone/data/preprocessing skip the trunk pass.
+pub fn build_cache_file(cfg: &ExperimentConfig, device: &Device, path: &Path) -> Result<(usize, usize)> {
+    let kind = cfg
+        .train
+        .cache
+        .kind(cfg.trunk_is_constant())
+        .ok_or_else(|| anyhow::anyhow!("train.cache: this config's trunk is not frozen and deterministic (tuners or faithful-mode noise), so it has no feature cache"))?;
+    let prep = prepare(cfg, device)?;
+    let cache = build_cache(&prep, cfg, kind, &device.clone().without_autodiff());
+    cache.save(path, &cache_key(cfg, &prep, kind))?;
+    Ok((cache.len(), cache.bytes()))
+}
+
+/// `vqt-train extract`: per-layer features of a split to safetensors, for analysis: for every
+/// block i, `layer.{i}.cls` (the class token of the residual stream after block i) and
+/// `layer.{i}.patch_mean` (mean over patch tokens), `final.cls` (after the final LayerNorm),
+/// all `[images, D]` f32, and `labels` `[images]` i64. Returns the number of images.
+pub fn extract(cfg: &ExperimentConfig, device: &Device, split: EvalSplit, path: &Path) -> Result<usize> {
+    let prep = prepare(cfg, device)?;
+    let plain = device.clone().without_autodiff();
+    let vit = prep.model.backbone.valid();
+    let set = match split {
+        EvalSplit::Train => &prep.train_set,
+        EvalSplit::Val => &prep.val_set,
+        EvalSplit::Test => &prep.test_set,
+    };
+    let depth = vit.depth();
+    let mut cls: Vec<Vec<f32>> = vec![Vec::new(); depth];
+    let mut mean: Vec<Vec<f32>> = vec![Vec::new(); depth];
+    let mut fin: Vec<f32> = Vec::new();
+    for chunk in set.chunks(cfg.train.batch_size) {
+        let imgs: Vec<_> = chunk.iter().map(|s| &s.image).collect();
+        let (values, shape) = prep.pre.batch(&imgs);
+        let trace = vit.forward_trace(Tensor::<4>::from_data(TensorData::new(values, shape), &plain));
+        for (i, z) in trace.blocks.iter().enumerate() {
+            let [b, n, d] = z.dims();
+            cls[i].extend(vqt_core::HostTensor::from_tensor(z.clone().narrow(1, 0, 1).reshape([b, d])).data);
+            mean[i].extend(vqt_core::HostTensor::from_tensor(z.clone().narrow(1, 1, n - 1).mean_dim(1).reshape([b, d])).data);
+        }
+        fin.extend(vqt_core::HostTensor::from_tensor(trace.cls).data);
+    }
+    let (n, d) = (set.len(), vit.embed_dim());
+    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let labels: Vec<u8> = set.iter().flat_map(|s| (s.label as i64).to_le_bytes()).collect();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for i in 0..depth {
+        owned.push((format!("layer.{i}.cls"), safetensors::Dtype::F32, vec![n, d], bytes(&cls[i])));
+        owned.push((format!("layer.{i}.patch_mean"), safetensors::Dtype::F32, vec![n, d], bytes(&mean[i])));
+    }
+    owned.push(("final.cls".into(), safetensors::Dtype::F32, vec![n, d], bytes(&fin)));
+    owned.push(("labels".into(), safetensors::Dtype::I64, vec![n], labels));
+    let views = owned
+        .iter()
+        .map(|(k, dt, s, b)| Ok((k.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b)?)))
+        .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let meta = std::collections::HashMap::from([("split".to_string(), format!("{split:?}").to_lowercase())]);
+    let data = safetensors::serialize(views, Some(meta))?;
+    vqt_core::fs::write_atomic(path, &data).with_context(|| path.display().to_string())?;
+    Ok(n)
 }
 
 /// The file per-epoch metrics are kept in while a run is in progress (for `--resume`).
@@ -359,7 +455,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
         std::fs::remove_dir_all(&ckpt_dir).with_context(|| ckpt_dir.display().to_string())?;
     }
 
-    let (train_batcher, cache_record) = match cache_batcher(&prep, cfg, &plain) {
+    let (train_batcher, cache_record) = match cache_batcher(&prep, cfg, &plain)? {
         Some((b, r)) => (b, Some(r)),
         None => (prep.image_batcher(&prep.train_set), None),
     };

@@ -296,3 +296,39 @@ fn gradient_accumulation_and_early_stopping_are_wired() {
     let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--set", "train.early_stopping_patience=0"]);
     assert!(e.contains("train.early_stopping_patience must be at least 1"), "{e}");
 }
+
+#[test]
+fn cache_subcommand_builds_a_file_that_training_reuses_and_extract_writes_features() {
+    let d = tmp("cachefile");
+    let cfg = config(&d, "kind = \"vqt\"\nnum_queries = 1", "kv");
+    let cache = d.join("train.kvcache");
+    let set = format!("train.cache_file=\"{}\"", cache.display());
+    let o = bin().args(["cache", "--config"]).arg(&cfg).args(["--set", &set]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("feature cache of 48 images"));
+    let rec = train_in("cachefile-train", &cfg, &d.join("run"), "cpu", &["--set", &set, "--set", "train.epochs=2"]);
+    assert_eq!(rec["cache"]["mode"], "kv");
+    assert_eq!(rec["cache"]["bytes"].as_u64().unwrap() as usize, 48 * (4 * 2 * 17 * 64 + 64) * 4);
+    // A cache built for another preprocessing is refused with a one-line error naming the file
+    // (after the checkpoint's load report on stderr).
+    let o = bin().args(["train", "--config"]).arg(&cfg).args(["--set", &set, "--set", "backbone.resize=\"nearest\""]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let e = stderr.trim_end().lines().last().unwrap();
+    assert!(e.starts_with("error: ") && e.contains("train.kvcache: cache was built for") && e.contains("resize=Nearest"), "{e}");
+    // A tuned trunk has no cache to build.
+    let e = err_of(&["cache", "--config", cfg.to_str().unwrap(), "--out", "/tmp/x", "--set", "train.cache=\"auto\"", "--set", "tuners.bitfit=true"]);
+    assert!(e.contains("not frozen and deterministic"), "{e}");
+
+    let feats = d.join("feats.safetensors");
+    let o = bin().args(["extract", "--config"]).arg(&cfg).args(["--split", "test", "--out"]).arg(&feats).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(&feats).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("layer.3.cls").unwrap().shape(), &[30, 64]);
+    assert_eq!(st.tensor("layer.0.patch_mean").unwrap().shape(), &[30, 64]);
+    assert_eq!(st.tensor("final.cls").unwrap().shape(), &[30, 64]);
+    let labels = st.tensor("labels").unwrap();
+    assert_eq!((labels.dtype(), labels.shape()), (safetensors::Dtype::I64, &[30usize][..]));
+    assert_eq!(&labels.data()[..16], &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+}
