@@ -43,7 +43,8 @@ enum Command {
         out: PathBuf,
     },
     /// Aggregate `vqt-train` run records (run.json, found under the given paths) per method over
-    /// seeds; writes `<out>.md` and `<out>.json` and prints the table.
+    /// seeds; writes `<out>.md`, `<out>.json` and `<out>.svg` (accuracy vs peak memory) and
+    /// prints the table.
     Report {
         /// Run directories or parents of them.
         #[arg(required = true)]
@@ -175,7 +176,9 @@ fn run() -> Result<()> {
             let paths = vqt_bench::report::find_runs(&runs).map_err(anyhow::Error::msg)?;
             let rows = vqt_bench::report::aggregate(&paths).map_err(anyhow::Error::msg)?;
             let md = vqt_bench::report::markdown(&rows, title.as_deref());
+            let plot = vqt_bench::report::svg(&rows, title.as_deref().unwrap_or("accuracy vs memory")).map_err(anyhow::Error::msg)?;
             write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&rows)?)?;
+            write_atomic(&out.with_extension("svg"), &plot)?;
             write_atomic(&out.with_extension("md"), &md)?;
             print!("{md}");
             Ok(())

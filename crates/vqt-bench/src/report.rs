@@ -1,6 +1,7 @@
 //! `vqt-bench report`: run records (`run.json` of `vqt-train train`) aggregated per method over
 //! seeds into a markdown table and JSON: test accuracy mean ± std (last epoch, scored once),
-//! validation accuracy, trainable parameters, process peak memory and wall time.
+//! validation accuracy, trainable parameters, process peak memory and wall time; plus an SVG
+//! plot (plotters) of test accuracy against peak memory, one point per method.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -153,4 +154,52 @@ pub fn markdown(rows: &[MethodRow], title: Option<&str>) -> String {
     }
     s += "\nTest accuracy is scored once, at the last epoch; std is the sample standard deviation over seeds. Peak RSS is the whole process (data, backbone, cache and training).\n";
     s
+}
+
+/// Test accuracy (mean, with ±std bars) against process peak memory, one labelled point per
+/// method (label: method and trainable parameters), as an SVG document.
+pub fn svg(rows: &[MethodRow], title: &str) -> Result<String, String> {
+    use plotters::prelude::*;
+    let pts: Vec<(f64, &MethodRow)> = rows.iter().filter_map(|r| r.peak_rss_mib.map(|m| (m, r))).collect();
+    if pts.is_empty() {
+        return Err("no run records peak memory (peak_rss_bytes), nothing to plot".into());
+    }
+    let e = |e: DrawingAreaErrorKind<std::io::Error>| e.to_string();
+    let (xs, ys): (Vec<f64>, Vec<f64>) = pts.iter().map(|(m, r)| (*m, r.test_mean)).unzip();
+    let span = |v: &[f64], pad: f64| {
+        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+        let p = ((hi - lo) * pad).max(1.0);
+        (lo - p, hi + p)
+    };
+    let (x0, x1) = span(&xs, 0.15);
+    let (y0, y1) = span(&ys, 0.15);
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (900, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(e)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(20)
+            .x_label_area_size(45)
+            .y_label_area_size(55)
+            .build_cartesian_2d(x0.max(0.0)..x1, y0.max(0.0)..y1.min(100.0))
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_desc("peak process memory during the run (MiB, RSS)")
+            .y_desc("test accuracy % (mean ± std over seeds)")
+            .draw()
+            .map_err(e)?;
+        chart
+            .draw_series(pts.iter().map(|(m, r)| PathElement::new(vec![(*m, r.test_mean - r.test_std), (*m, r.test_mean + r.test_std)], BLACK)))
+            .map_err(e)?;
+        chart.draw_series(pts.iter().map(|(m, r)| Circle::new((*m, r.test_mean), 5, BLUE.filled()))).map_err(e)?;
+        chart
+            .draw_series(pts.iter().map(|(m, r)| {
+                Text::new(format!("{} ({} params)", r.method, r.trainable_params), (*m, r.test_mean), ("sans-serif", 12).into_font())
+            }))
+            .map_err(e)?;
+        root.present().map_err(e)?;
+    }
+    Ok(out)
 }
