@@ -1,6 +1,7 @@
 //! Datasets and preprocessing. Every reader yields [`RawImage`]s (decoded 8-bit pixels, any size,
 //! 1 or 3 channels) with labels; [`preprocess::Preprocess`] turns them into model inputs.
 
+pub mod files;
 pub mod idx;
 pub mod preprocess;
 
