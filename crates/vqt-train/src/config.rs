@@ -90,6 +90,91 @@ pub enum DataConfig {
         #[serde(default)]
         test_limit: Option<usize>,
     },
+    /// A VTAB-1k task in the NOAH layout (`<root>/<task>/{train800,val200,train800val200,test}.txt`
+    /// + `images/`), or its SynQT JSON variant (`<split>.json`).
+    Vtab {
+        /// The folder holding the task folders.
+        root: PathBuf,
+        /// Task name or alias (`cifar100`, `pets`, `pcam`, …).
+        task: String,
+        /// Classes; defaults to the task's (a different value is an error).
+        #[serde(default)]
+        num_classes: Option<usize>,
+        /// Training split (`train800` to tune, `train800val200` for final runs).
+        #[serde(default = "default_train_split")]
+        train_split: String,
+        /// Validation split.
+        #[serde(default = "default_val_split")]
+        val_split: String,
+        /// Test split.
+        #[serde(default = "default_test_split")]
+        test_split: String,
+        /// Enforce the VTAB-1k split sizes (800 / 200 / 1000).
+        #[serde(default = "yes")]
+        check_counts: bool,
+        /// Skip (and count in run.json) missing/corrupt images and out-of-range labels instead
+        /// of stopping (`--skip-bad`).
+        #[serde(default)]
+        skip_bad: bool,
+    },
+    /// FGVC in the VPT convention: `<root>/{train,val,test}.json` objects `{"relpath": class}`,
+    /// images under `<root>/<image_root>`; class ids made contiguous by sorting.
+    Fgvc {
+        /// Dataset folder.
+        root: PathBuf,
+        /// Image folder relative to `root` (CUB/NABirds: `images`, Dogs: `Images`, Cars and
+        /// Flowers: `.`).
+        #[serde(default = "dot")]
+        image_root: PathBuf,
+        /// Classes (must match the ids found).
+        num_classes: usize,
+        /// Skip and count bad images/labels instead of stopping.
+        #[serde(default)]
+        skip_bad: bool,
+    },
+    /// One ImageFolder tree per split (`<dir>/<class>/*.jpg|png|…`, class = sorted folder index).
+    ImageFolder {
+        /// Training tree.
+        train: PathBuf,
+        /// Validation tree.
+        val: PathBuf,
+        /// Test tree.
+        test: PathBuf,
+        /// Classes (must match the folders found).
+        num_classes: usize,
+        /// Skip and count bad images instead of stopping.
+        #[serde(default)]
+        skip_bad: bool,
+    },
+}
+
+fn default_train_split() -> String {
+    "train800".into()
+}
+fn default_val_split() -> String {
+    "val200".into()
+}
+fn default_test_split() -> String {
+    "test".into()
+}
+fn yes() -> bool {
+    true
+}
+fn dot() -> PathBuf {
+    PathBuf::from(".")
+}
+
+impl DataConfig {
+    /// Sets `skip_bad` (`--skip-bad`); IDX files have no per-image failure to skip.
+    pub fn set_skip_bad(&mut self) -> Result<(), String> {
+        match self {
+            DataConfig::Idx { .. } => Err("--skip-bad applies to image datasets (vtab, fgvc, image-folder), not IDX files".into()),
+            DataConfig::Vtab { skip_bad, .. } | DataConfig::Fgvc { skip_bad, .. } | DataConfig::ImageFolder { skip_bad, .. } => {
+                *skip_bad = true;
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Optimiser.
@@ -270,13 +355,29 @@ impl ExperimentConfig {
         if let Some(p) = &self.backbone.preset {
             vqt_models::VitPreset::from_name(p).map_err(|e| format!("backbone.preset: {e}"))?;
         }
-        let DataConfig::Idx { train_range, val_range, num_classes, .. } = &self.data;
-        if *num_classes < 2 {
-            return Err("data.num_classes must be at least 2".into());
-        }
-        for (name, r) in [("train_range", train_range), ("val_range", val_range)] {
-            if r[0] >= r[1] {
-                return Err(format!("data.{name} {r:?} is empty"));
+        match &self.data {
+            DataConfig::Idx { train_range, val_range, num_classes, .. } => {
+                if *num_classes < 2 {
+                    return Err("data.num_classes must be at least 2".into());
+                }
+                for (name, r) in [("train_range", train_range), ("val_range", val_range)] {
+                    if r[0] >= r[1] {
+                        return Err(format!("data.{name} {r:?} is empty"));
+                    }
+                }
+            }
+            DataConfig::Vtab { task, num_classes, .. } => {
+                let (_, c) = vqt_core::data::files::vtab_task(task).map_err(|e| format!("data.task: {e}"))?;
+                if let Some(n) = num_classes {
+                    if *n != c {
+                        return Err(format!("data.num_classes = {n}, but VTAB task `{task}` has {c} classes"));
+                    }
+                }
+            }
+            DataConfig::Fgvc { num_classes, .. } | DataConfig::ImageFolder { num_classes, .. } => {
+                if *num_classes < 2 {
+                    return Err("data.num_classes must be at least 2".into());
+                }
             }
         }
         Ok(())

@@ -35,6 +35,10 @@ enum Command {
         /// Seed (overrides train.seed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Skip (and count in run.json) missing/corrupt images and out-of-range labels instead of
+        /// stopping at the first (image datasets).
+        #[arg(long)]
+        skip_bad: bool,
         /// Continue an interrupted run from the latest complete checkpoint in `<out>/checkpoint`
         /// (same config and seed).
         #[arg(long)]
@@ -114,11 +118,14 @@ fn run() -> Result<()> {
             println!("{}: {split:?} accuracy {acc:.2}% ({n} images) on {}", run.display(), backend.name());
             Ok(())
         }
-        Command::Train { config, mut overrides, out, seed, resume } => {
+        Command::Train { config, mut overrides, out, seed, resume, skip_bad } => {
             if let Some(s) = seed {
                 overrides.push(format!("train.seed={s}"));
             }
-            let cfg = vqt_train::config::load(&config, &overrides)?;
+            let mut cfg = vqt_train::config::load(&config, &overrides)?;
+            if skip_bad {
+                cfg.data.set_skip_bad().map_err(anyhow::Error::msg)?;
+            }
             let device = make_device(backend, cli.device)?;
             let opts = vqt_train::run::TrainOptions { resume, device_index: cli.device };
             let r = vqt_train::run::train(&cfg, backend.name(), &device, &out, opts)?;

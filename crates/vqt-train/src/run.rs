@@ -23,7 +23,9 @@ use burn::train::{Learner, SupervisedTraining};
 use crate::checkpoint::TrainableCheckpointer;
 use crate::progress::{EpochMetrics, EpochRenderer, RunLog};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use vqt_core::data::files::Skipped;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vqt_core::data::preprocess::Preprocess;
@@ -150,6 +152,9 @@ pub struct RunRecord {
     pub total_params: usize,
     /// Images per split.
     pub split_sizes: [usize; 3],
+    /// Items `skip_bad` skipped, per split (empty when nothing was skipped).
+    #[serde(default)]
+    pub data_skipped: BTreeMap<String, Skipped>,
     /// Feature cache: mode, dtype, bytes, build seconds.
     pub cache: Option<CacheRecord>,
     /// End-of-epoch training and validation metrics (loss, accuracy, lr).
@@ -239,6 +244,70 @@ pub struct Prepared {
     pub checkpoint: Option<CheckpointRecord>,
     /// Number of classes.
     pub num_classes: usize,
+    /// What `skip_bad` skipped, per split (`train`, `val`, `test`).
+    pub skipped: BTreeMap<String, Skipped>,
+}
+
+type Splits = (Vec<Sample>, Vec<Sample>, Vec<Sample>, usize, BTreeMap<String, Skipped>);
+
+/// Reads the three splits of `data` (decoding images on `threads` threads).
+pub fn load_data(data: &DataConfig, threads: usize) -> Result<Splits> {
+    use vqt_core::data::files;
+    let decode = |entries: Vec<files::Entry>, classes: usize, skip: bool, name: &str, skipped: &mut BTreeMap<String, Skipped>| -> Result<Vec<Sample>> {
+        let (samples, s) = files::load(&entries, classes, skip, threads)?;
+        if s.total() > 0 {
+            eprintln!("{name}: skipped {} bad item(s): {} missing, {} corrupt, {} label out of range", s.total(), s.missing, s.corrupt, s.bad_label);
+            skipped.insert(name.to_string(), s);
+        }
+        Ok(samples)
+    };
+    let mut skipped = BTreeMap::new();
+    match data {
+        DataConfig::Idx { train_images, train_labels, test_images, test_labels, num_classes, train_range, val_range, test_limit } => {
+            let all_train = vqt_core::data::idx::read_idx_pair(train_images, train_labels, *num_classes)?;
+            let train = split(&all_train, *train_range, "train_range", train_images)?;
+            let val = split(&all_train, *val_range, "val_range", train_images)?;
+            let mut test = vqt_core::data::idx::read_idx_pair(test_images, test_labels, *num_classes)?;
+            if let Some(n) = test_limit {
+                test.truncate(*n);
+            }
+            Ok((train, val, test, *num_classes, skipped))
+        }
+        DataConfig::Vtab { root, task, train_split, val_split, test_split, check_counts, skip_bad, .. } => {
+            let (_, classes) = files::vtab_task(task).map_err(anyhow::Error::msg)?;
+            let mut read = |split: &str| -> Result<Vec<Sample>> {
+                let entries = files::read_vtab_split(root, task, split, *check_counts)?;
+                decode(entries, classes, *skip_bad, split, &mut skipped)
+            };
+            let (train, val, test) = (read(train_split)?, read(val_split)?, read(test_split)?);
+            Ok((train, val, test, classes, skipped))
+        }
+        DataConfig::Fgvc { root, image_root, num_classes, skip_bad } => {
+            let ([train, val, test], found) = files::read_fgvc(root, image_root)?;
+            anyhow::ensure!(found == *num_classes, "{}: the splits hold {found} classes, but data.num_classes = {num_classes}", root.display());
+            let train = decode(train, found, *skip_bad, "train", &mut skipped)?;
+            let val = decode(val, found, *skip_bad, "val", &mut skipped)?;
+            let test = decode(test, found, *skip_bad, "test", &mut skipped)?;
+            Ok((train, val, test, found, skipped))
+        }
+        DataConfig::ImageFolder { train, val, test, num_classes, skip_bad } => {
+            let mut out = Vec::new();
+            let mut names: Option<Vec<String>> = None;
+            for (name, dir) in [("train", train), ("val", val), ("test", test)] {
+                let (entries, classes) = files::read_image_folder(dir)?;
+                anyhow::ensure!(classes.len() == *num_classes, "{}: {} class folders, but data.num_classes = {num_classes}", dir.display(), classes.len());
+                if let Some(n) = &names {
+                    anyhow::ensure!(*n == classes, "{}: class folders differ from the training tree's", dir.display());
+                }
+                names = Some(classes);
+                out.push(decode(entries, *num_classes, *skip_bad, name, &mut skipped)?);
+            }
+            let test = out.pop().expect("3");
+            let val = out.pop().expect("3");
+            let train = out.pop().expect("3");
+            Ok((train, val, test, *num_classes, skipped))
+        }
+    }
 }
 
 fn items(s: &[Sample]) -> Vec<Item> {
@@ -259,15 +328,8 @@ pub fn prepare(cfg: &ExperimentConfig, device: &Device) -> Result<Prepared> {
     ad.seed(cfg.train.seed);
 
     // Data.
-    let DataConfig::Idx { train_images, train_labels, test_images, test_labels, num_classes, train_range, val_range, test_limit } = &cfg.data;
-    let all_train = vqt_core::data::idx::read_idx_pair(train_images, train_labels, *num_classes)?;
-    let train_set = Arc::new(split(&all_train, *train_range, "train_range", train_images)?);
-    let val_set = Arc::new(split(&all_train, *val_range, "val_range", train_images)?);
-    let mut test = vqt_core::data::idx::read_idx_pair(test_images, test_labels, *num_classes)?;
-    if let Some(n) = test_limit {
-        test.truncate(*n);
-    }
-    let test_set = Arc::new(test);
+    let (train_set, val_set, test_set, num_classes, skipped) = load_data(&cfg.data, cfg.train.num_workers.max(1))?;
+    let (train_set, val_set, test_set) = (Arc::new(train_set), Arc::new(val_set), Arc::new(test_set));
     let pre = Preprocess { img_size: cfg.backbone.img_size, resize: cfg.backbone.resize, normalization: cfg.backbone.normalization };
 
     // Backbone.
@@ -293,13 +355,13 @@ pub fn prepare(cfg: &ExperimentConfig, device: &Device) -> Result<Prepared> {
     // Method.
     let (d, depth, p) = (vit.embed_dim(), vit.depth(), vcfg.patch_size);
     let method = match &cfg.method {
-        MethodConfig::Linear => QueryMethod::Linear(LinearConfig::new(d, *num_classes).init(&ad)),
-        MethodConfig::Vqt(v) => QueryMethod::Vqt(v.init(depth, d, p, *num_classes, &ad)),
-        MethodConfig::Synqt(s) => QueryMethod::Synqt(s.init(&vit, *num_classes, &ad)),
+        MethodConfig::Linear => QueryMethod::Linear(LinearConfig::new(d, num_classes).init(&ad)),
+        MethodConfig::Vqt(v) => QueryMethod::Vqt(v.init(depth, d, p, num_classes, &ad)),
+        MethodConfig::Synqt(s) => QueryMethod::Synqt(s.init(&vit, num_classes, &ad)),
     };
     let noise = TrunkNoise { embed_dropout: cfg.train.trunk_embed_dropout, drop_path: cfg.train.trunk_drop_path };
     let model = TrunkModel::tuned(vit, &cfg.tuners, method).with_noise(noise);
-    Ok(Prepared { train_set, val_set, test_set, pre, model, checkpoint, num_classes: *num_classes })
+    Ok(Prepared { train_set, val_set, test_set, pre, model, checkpoint, num_classes, skipped })
 }
 
 /// What a feature cache is valid for: checkpoint identity (or the seed of a random backbone),
@@ -309,12 +371,10 @@ pub fn cache_key(cfg: &ExperimentConfig, prep: &Prepared, kind: CacheKind) -> St
         Some(c) => format!("sha256:{}", c.sha256),
         None => format!("random-init-seed:{}", cfg.train.seed),
     };
-    let DataConfig::Idx { train_images, train_range, .. } = &cfg.data;
     format!(
-        "{ckpt};vit={:?};data={}{:?};img={};resize={:?};norm={:?};kind={:?};dtype={:?}",
+        "{ckpt};vit={:?};data={};img={};resize={:?};norm={:?};kind={:?};dtype={:?}",
         cfg.vit_config(),
-        train_images.display(),
-        train_range,
+        serde_json::to_string(&cfg.data).expect("data config serialises"),
         cfg.backbone.img_size,
         cfg.backbone.resize,
         cfg.backbone.normalization,
@@ -573,6 +633,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
         trainable_params: trainable,
         total_params: total,
         split_sizes: [prep.train_set.len(), prep.val_set.len(), prep.test_set.len()],
+        data_skipped: prep.skipped.clone(),
         cache: cache_record,
         epochs: log.epochs,
         resumed_from_epoch: resume_from,

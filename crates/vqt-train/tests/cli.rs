@@ -100,14 +100,15 @@ num_workers = 1
 fn train_ok(tag: &str, method: &str, cache: &str, backend: &str, extra: &[&str]) -> serde_json::Value {
     let d = tmp(tag);
     let cfg = config(&d, method, cache);
-    train_in(tag, &cfg, &d.join("run"), backend, extra)
+    let rec = train_in(tag, &cfg, &d.join("run"), backend, extra);
+    assert_eq!(rec["split_sizes"], serde_json::json!([48, 12, 30]));
+    rec
 }
 
 fn train_in(tag: &str, cfg: &Path, out: &Path, backend: &str, extra: &[&str]) -> serde_json::Value {
     let o = bin().args(["train", "--backend", backend, "--config"]).arg(cfg).arg("--out").arg(out).args(extra).output().unwrap();
     assert!(o.status.success(), "{tag}: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
-    assert_eq!(rec["split_sizes"], serde_json::json!([48, 12, 30]));
     assert_eq!(rec["backend"], backend);
     assert_eq!(rec["checkpoint"]["sha256"].as_str().unwrap().len(), 64);
     assert!(rec["config"]["train"]["epochs"].as_u64().unwrap() > 0);
@@ -331,4 +332,52 @@ fn cache_subcommand_builds_a_file_that_training_reuses_and_extract_writes_featur
     let labels = st.tensor("labels").unwrap();
     assert_eq!((labels.dtype(), labels.shape()), (safetensors::Dtype::I64, &[30usize][..]));
     assert_eq!(&labels.data()[..16], &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+}
+
+/// A tiny VTAB task in the NOAH layout (eurosat, 10 classes; classes 0..3 used), 24 train /
+/// 6 val / 9 test images: a bright band whose position gives the class.
+fn vtab_tree(root: &Path) {
+    let task = root.join("eurosat");
+    for (split, n) in [("train800", 24), ("val200", 6), ("test", 9)] {
+        let mut lines = String::new();
+        for i in 0..n {
+            let class = i % 3;
+            let img = image::GrayImage::from_fn(28, 28, |_, y| image::Luma([if y as usize / 10 == class { 220 } else { 20 + (i * 7 % 30) as u8 }]));
+            let rel = format!("images/{split}/{i:06}.png");
+            std::fs::create_dir_all(task.join(format!("images/{split}"))).unwrap();
+            img.save(task.join(&rel)).unwrap();
+            lines += &format!("{rel} {class}\n");
+        }
+        std::fs::write(task.join(format!("{split}.txt")), lines).unwrap();
+    }
+}
+
+#[test]
+fn vtab_noah_data_trains_and_bad_images_stop_or_are_skipped() {
+    let d = tmp("vtab");
+    let cfg = config(&d, "kind = \"linear\"", "auto");
+    vtab_tree(&d.join("vtab"));
+    let data = format!("data={{kind=\"vtab\",root=\"{}\",task=\"EuroSAT\",check_counts=false}}", d.join("vtab").display());
+    let rec = train_in("vtab-ok", &cfg, &d.join("run"), "cpu", &["--set", &data, "--set", "train.epochs=2"]);
+    assert_eq!(rec["split_sizes"], serde_json::json!([24, 6, 9]));
+    assert_eq!(rec["data_skipped"], serde_json::json!({}));
+
+    // A corrupt image stops the run with one line naming it and the list line.
+    std::fs::write(d.join("vtab/eurosat/images/train800/000005.png"), b"garbage").unwrap();
+    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--set", &data]);
+    assert!(e.contains("000005.png: cannot decode image") && e.contains("train800.txt:6)"), "{e}");
+    // --skip-bad skips it and records the count.
+    let rec = train_in("vtab-skip", &cfg, &d.join("run2"), "cpu", &["--set", &data, "--set", "train.epochs=1", "--skip-bad"]);
+    assert_eq!(rec["data_skipped"]["train800"]["corrupt"], 1);
+    assert_eq!(rec["split_sizes"][0], 23);
+    // Class count mismatch, and the split-size invariant.
+    let bad = data.replace("check_counts=false", "check_counts=false,num_classes=5");
+    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--set", &bad]);
+    assert!(e.contains("data.num_classes = 5, but VTAB task `EuroSAT` has 10 classes"), "{e}");
+    let strict = data.replace(",check_counts=false", "");
+    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--set", &strict]);
+    assert!(e.contains("train800.txt: 24 lines, but VTAB-1k's train800 has 800"), "{e}");
+    // IDX data has nothing to skip.
+    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--skip-bad"]);
+    assert!(e.contains("--skip-bad applies to image datasets"), "{e}");
 }
