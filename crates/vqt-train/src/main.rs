@@ -73,6 +73,29 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The VTAB-1k protocol: grid on train800 -> val200 (final epoch), best setting retrained on
+    /// train800val200 per seed, test scored once; writes `<out>/tune.{json,md}`.
+    Tune {
+        /// Base config with `[data] kind = "vtab"`.
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config field (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Tasks (names or aliases), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tasks: Vec<String>,
+        /// A grid axis `key=[v1,v2,...]` (repeatable; list smaller learning rates first: ties
+        /// keep the earlier setting).
+        #[arg(long = "grid")]
+        grid: Vec<vqt_train::tune::Axis>,
+        /// Seeds of the final runs, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "42,44,82,100,800")]
+        seeds: Vec<u64>,
+        /// Output directory.
+        #[arg(long, default_value = "runs/tune")]
+        out: PathBuf,
+    },
     /// Score a saved run (its run.json and trainable parameters) on a split.
     Eval {
         /// The run directory (holds run.json and trainable.safetensors).
@@ -110,6 +133,16 @@ fn run() -> Result<()> {
             let device = make_device(backend, cli.device)?;
             let n = vqt_train::run::extract(&cfg, &device, split, &out)?;
             println!("{}: per-layer features of {n} {split:?} images", out.display());
+            Ok(())
+        }
+        Command::Tune { config, overrides, tasks, grid, seeds, out } => {
+            let device = make_device(backend, cli.device)?;
+            let r = vqt_train::tune::tune(&config, &overrides, &tasks, &grid, &seeds, backend.name(), &device, &out)?;
+            let md = vqt_train::tune::markdown(&r);
+            std::fs::create_dir_all(&out)?;
+            vqt_core::fs::write_atomic(&out.join("tune.json"), serde_json::to_string_pretty(&r)?.as_bytes())?;
+            vqt_core::fs::write_atomic(&out.join("tune.md"), md.as_bytes())?;
+            print!("{md}");
             Ok(())
         }
         Command::Eval { run, split } => {

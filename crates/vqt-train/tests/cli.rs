@@ -337,8 +337,12 @@ fn cache_subcommand_builds_a_file_that_training_reuses_and_extract_writes_featur
 /// A tiny VTAB task in the NOAH layout (eurosat, 10 classes; classes 0..3 used), 24 train /
 /// 6 val / 9 test images: a bright band whose position gives the class.
 fn vtab_tree(root: &Path) {
-    let task = root.join("eurosat");
-    for (split, n) in [("train800", 24), ("val200", 6), ("test", 9)] {
+    vtab_task_tree(root, "eurosat");
+}
+
+fn vtab_task_tree(root: &Path, folder: &str) {
+    let task = root.join(folder);
+    for (split, n) in [("train800", 24), ("val200", 6), ("train800val200", 30), ("test", 9)] {
         let mut lines = String::new();
         for i in 0..n {
             let class = i % 3;
@@ -380,4 +384,38 @@ fn vtab_noah_data_trains_and_bad_images_stop_or_are_skipped() {
     // IDX data has nothing to skip.
     let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--skip-bad"]);
     assert!(e.contains("--skip-bad applies to image datasets"), "{e}");
+}
+
+#[test]
+fn tune_runs_the_vtab_protocol_and_reports_both_averages() {
+    let d = tmp("tune");
+    let cfg = config(&d, "kind = \"linear\"", "auto");
+    vtab_task_tree(&d.join("vtab"), "eurosat");
+    vtab_task_tree(&d.join("vtab"), "dtd");
+    let data = format!("data={{kind=\"vtab\",root=\"{}\",task=\"eurosat\",check_counts=false}}", d.join("vtab").display());
+    let out = d.join("tune");
+    let o = bin()
+        .args(["tune", "--config"])
+        .arg(&cfg)
+        .args(["--set", &data, "--set", "train.epochs=1", "--tasks", "eurosat,dtd", "--grid", "train.lr=[0.001,0.05]", "--seeds", "42,43", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("tune.md")).unwrap();
+    assert!(md.contains("| eurosat | Specialized | train.lr=") && md.contains("| dtd | Natural | train.lr="), "{md}");
+    assert!(md.contains("Mean over the 2 tasks") && md.contains("Mean of the 2 group means"), "{md}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tune.json")).unwrap()).unwrap();
+    assert_eq!(r["tasks"][0]["grid"].as_array().unwrap().len(), 2);
+    assert_eq!(r["tasks"][1]["test"].as_array().unwrap().len(), 2);
+    // Grid runs train on train800 and never read the test split; final runs train on
+    // train800val200 and score test.
+    let grid: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("eurosat/grid-0/run.json")).unwrap()).unwrap();
+    assert_eq!(grid["split_sizes"], serde_json::json!([24, 6, 6]));
+    assert_eq!(grid["config"]["data"]["test_split"], "val200");
+    let fin: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("dtd/final-seed-43/run.json")).unwrap()).unwrap();
+    assert_eq!(fin["split_sizes"], serde_json::json!([30, 6, 9]));
+    assert_eq!(fin["config"]["train"]["seed"], 43);
+    let (a, b) = (r["group_means"][0][1].as_f64().unwrap(), r["group_means"][1][1].as_f64().unwrap());
+    assert!((r["group_mean"].as_f64().unwrap() - (a + b) / 2.0).abs() < 1e-9);
 }

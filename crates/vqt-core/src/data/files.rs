@@ -82,6 +82,17 @@ pub fn vtab_task(name: &str) -> Result<(&'static str, usize), String> {
         .ok_or_else(|| format!("unknown VTAB task `{name}` (known: {})", VTAB_TASKS.iter().map(|t| t.0).collect::<Vec<_>>().join(", ")))
 }
 
+/// The VTAB group of a task (`Natural`, `Specialized`, `Structured`), by name or alias.
+pub fn vtab_group(name: &str) -> Result<&'static str, String> {
+    let (folder, _) = vtab_task(name)?;
+    let i = VTAB_TASKS.iter().position(|t| t.0 == folder).expect("known task");
+    Ok(match i {
+        0..=6 => "Natural",
+        7..=10 => "Specialized",
+        _ => "Structured",
+    })
+}
+
 /// Expected line counts of the NOAH split files (checked on import).
 pub fn vtab_split_size(split: &str) -> Option<usize> {
     match split {
