@@ -4,29 +4,14 @@
 use burn::module::Module;
 use burn::nn::LinearConfig;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use vqt_core::HostTensor;
 use vqt_models::cache::{CacheDtype, CacheKind, FeatureCache};
 use vqt_models::query::{SynqtConfig, VqtConfig};
-use vqt_models::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel, Vit, VitConfig};
+use vqt_models::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel, Vit};
 
-fn tiny() -> VitConfig {
-    VitConfig {
-        img_size: 16,
-        patch_size: 4,
-        in_chans: 3,
-        embed_dim: 24,
-        depth: 3,
-        num_heads: 3,
-        mlp_ratio: 2.0,
-        qkv_bias: true,
-        layer_norm_eps: 1e-6,
-        layer_scale_init: Some(0.5),
-        num_classes: 0,
-    }
-}
-
-const CLASSES: usize = 4;
+mod common;
+use common::{images, targets, tiny, CLASSES};
 
 fn methods(vit: &Vit, device: &Device) -> Vec<QueryMethod> {
     vec![
@@ -37,16 +22,6 @@ fn methods(vit: &Vit, device: &Device) -> Vec<QueryMethod> {
                 .init(vit, CLASSES, device),
         ),
     ]
-}
-
-fn images(device: &Device, n: usize, seed: u64) -> Tensor<4> {
-    device.seed(seed);
-    Tensor::random([n, 3, 16, 16], Distribution::Normal(0.0, 1.0), device)
-}
-
-fn targets(n: usize, device: &Device) -> Tensor<1, Int> {
-    let t: Vec<i64> = (0..n as i64).map(|i| i % CLASSES as i64).collect();
-    Tensor::from_data(TensorData::new(t, [n]), device)
 }
 
 fn backbone_snapshot(vit: &Vit) -> Vec<HostTensor> {

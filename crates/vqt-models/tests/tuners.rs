@@ -4,7 +4,7 @@
 use burn::module::{Module, Param};
 use burn::nn::LinearConfig;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Tensor};
 use vqt_core::HostTensor;
 use vqt_models::query::{SynqtConfig, VqtConfig};
 use vqt_models::tuners::adapter::{AdapterActivation, AdapterConfig, AdapterKind};
@@ -13,35 +13,10 @@ use vqt_models::tuners::lora::LoraConfig;
 use vqt_models::tuners::ssf::{Ssf, SsfConfig};
 use vqt_models::tuners::vpt::VptConfig;
 use vqt_models::tuners::{load_trainable, param_counts, save_trainable, tensor_infos, TunersConfig};
-use vqt_models::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel, Vit, VitConfig, VitPreset};
+use vqt_models::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel, Vit, VitPreset};
 
-const CLASSES: usize = 4;
-
-fn tiny() -> VitConfig {
-    VitConfig {
-        img_size: 16,
-        patch_size: 4,
-        in_chans: 3,
-        embed_dim: 24,
-        depth: 3,
-        num_heads: 3,
-        mlp_ratio: 2.0,
-        qkv_bias: true,
-        layer_norm_eps: 1e-6,
-        layer_scale_init: Some(0.5),
-        num_classes: 0,
-    }
-}
-
-fn images(device: &Device, n: usize, seed: u64) -> Tensor<4> {
-    device.seed(seed);
-    Tensor::random([n, 3, 16, 16], Distribution::Normal(0.0, 1.0), device)
-}
-
-fn targets(n: usize, device: &Device) -> Tensor<1, Int> {
-    let t: Vec<i64> = (0..n as i64).map(|i| i % CLASSES as i64).collect();
-    Tensor::from_data(TensorData::new(t, [n]), device)
-}
+mod common;
+use common::{images, targets, tiny, CLASSES};
 
 fn lora() -> TunersConfig {
     TunersConfig { lora: Some(LoraConfig { rank: 2, alpha: Some(4.0), targets: vec!["q".into(), "v".into()] }), ..Default::default() }

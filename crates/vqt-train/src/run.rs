@@ -315,6 +315,15 @@ fn items(s: &[Sample]) -> Vec<Item> {
 }
 
 impl Prepared {
+    /// The samples of `split`.
+    pub fn split(&self, split: EvalSplit) -> &Arc<Vec<Sample>> {
+        match split {
+            EvalSplit::Train => &self.train_set,
+            EvalSplit::Val => &self.val_set,
+            EvalSplit::Test => &self.test_set,
+        }
+    }
+
     fn image_batcher(&self, s: &Arc<Vec<Sample>>) -> TrunkBatcher {
         TrunkBatcher::Images { samples: s.clone(), pre: self.pre.clone() }
     }
@@ -440,11 +449,7 @@ pub fn extract(cfg: &ExperimentConfig, device: &Device, split: EvalSplit, path: 
     let prep = prepare(cfg, device)?;
     let plain = device.clone().without_autodiff();
     let vit = prep.model.backbone.valid();
-    let set = match split {
-        EvalSplit::Train => &prep.train_set,
-        EvalSplit::Val => &prep.val_set,
-        EvalSplit::Test => &prep.test_set,
-    };
+    let set = prep.split(split);
     let depth = vit.depth();
     let mut cls: Vec<Vec<f32>> = vec![Vec::new(); depth];
     let mut mean: Vec<Vec<f32>> = vec![Vec::new(); depth];
@@ -679,11 +684,7 @@ pub fn evaluate(run_dir: &Path, split: EvalSplit, device: &Device) -> Result<(f6
     let prep = prepare(&cfg, device)?;
     let ad = device.clone().without_autodiff().autodiff();
     let model = vqt_models::tuners::load_trainable(prep.model.clone().fork(&ad), &run_dir.join(&rec.trainable_file))?;
-    let set = match split {
-        EvalSplit::Train => &prep.train_set,
-        EvalSplit::Val => &prep.val_set,
-        EvalSplit::Test => &prep.test_set,
-    };
+    let set = prep.split(split);
     let plain = device.clone().without_autodiff();
     let acc = accuracy(&model.valid(), &prep.image_batcher(set), &items(set), cfg.train.batch_size, &plain);
     Ok((acc, set.len()))

@@ -7,8 +7,8 @@
 //! with a gradient, forever; we do not copy that.)
 
 use crate::ops::gelu;
-use burn::module::{Initializer, Module};
-use burn::nn::{Linear, LinearConfig};
+use burn::module::Module;
+use burn::nn::Linear;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -70,9 +70,7 @@ impl AdapterConfig {
 
     /// A fresh identity adapter for width `d`.
     pub fn init(&self, d: usize, device: &Device) -> BottleneckAdapter {
-        let mut down = LinearConfig::new(d, self.bottleneck).init(device);
-        down.bias = Some(Initializer::Zeros.init([self.bottleneck], device));
-        let up = LinearConfig::new(self.bottleneck, d).with_initializer(Initializer::Zeros).init(device);
+        let (down, up) = super::zero_up_bottleneck(d, self.bottleneck, device);
         BottleneckAdapter { down, up, activation: self.activation }
     }
 }

@@ -2,8 +2,8 @@
 //! reading the residual stream (not normalised), outside DropPath (methods.md §5.1):
 //! `Z = Z + MLP(LN2(Z)) + s·(dropout(relu(Z·W_dn + b_dn))·W_up + b_up)`.
 
-use burn::module::{Initializer, Module};
-use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -53,9 +53,7 @@ impl AdaptFormerConfig {
 
     /// A fresh adapter for width `d`.
     pub fn init(&self, d: usize, device: &Device) -> AdaptFormer {
-        let mut down = LinearConfig::new(d, self.bottleneck).init(device);
-        down.bias = Some(Initializer::Zeros.init([self.bottleneck], device));
-        let up = LinearConfig::new(self.bottleneck, d).with_initializer(Initializer::Zeros).init(device);
+        let (down, up) = super::zero_up_bottleneck(d, self.bottleneck, device);
         AdaptFormer { down, up, dropout: DropoutConfig::new(self.dropout).init(), scale: self.scale }
     }
 }

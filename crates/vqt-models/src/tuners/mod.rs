@@ -53,6 +53,18 @@ pub struct TunersConfig {
     pub full_finetune: bool,
 }
 
+/// The bottleneck pair of the adapter-style tuners: `Linear(d, b)` with the PyTorch default
+/// weight init (kaiming-uniform, a = √5) and a zero bias, and `Linear(b, d)` all zeros, so the
+/// adapter's contribution starts at exactly zero.
+pub(crate) fn zero_up_bottleneck(d: usize, b: usize, device: &burn::tensor::Device) -> (burn::nn::Linear, burn::nn::Linear) {
+    use burn::module::Initializer;
+    use burn::nn::LinearConfig;
+    let mut down = LinearConfig::new(d, b).init(device);
+    down.bias = Some(Initializer::Zeros.init([b], device));
+    let up = LinearConfig::new(b, d).with_initializer(Initializer::Zeros).init(device);
+    (down, up)
+}
+
 /// Matches every bias of the backbone: `*.bias` (linear and conv) and `*.beta` (LayerNorm).
 fn bias_group() -> ParamGroup {
     ParamGroup::from_regex(r"(^|\.)(bias|beta)$").expect("static regex")
