@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use vqt_core::data::preprocess::{Normalization, ResizeFilter};
+use vqt_core::data::preprocess::{Augment, Normalization, Preprocess, ResizeFilter};
 use vqt_models::cache::{CacheDtype, CacheKind};
 use vqt_models::query::{SynqtConfig, VqtConfig};
 
@@ -51,6 +51,16 @@ pub struct BackboneConfig {
     /// Normalisation preset (default imagenet).
     #[serde(default)]
     pub normalization: Normalization,
+    /// Square resize side before cropping `img_size` (FGVC recipe: 256, with `img_size` 224):
+    /// center crop at evaluation, random crop in training with `augment = "crop-flip"`. Absent:
+    /// a straight resize to `img_size`.
+    #[serde(default)]
+    pub resize_size: Option<usize>,
+    /// Training augmentation: `none` (VTAB recipes), `crop-flip` (VPT's FGVC recipe),
+    /// `random-resized-crop` (timm/torchvision). Seeded per (seed, epoch, image), so resumed runs
+    /// see the same crops. Makes the trunk input random: no feature cache.
+    #[serde(default)]
+    pub augment: Augment,
 }
 
 /// The tuning method (`kind = "linear" | "vqt" | "synqt"`).
@@ -338,6 +348,13 @@ impl ExperimentConfig {
         if matches!(t.cache, CacheMode::Kv | CacheMode::Hidden) && noisy {
             return Err("train.trunk_embed_dropout / train.trunk_drop_path make the trunk random: set train.cache = \"off\"".into());
         }
+        self.preprocess().validate().map_err(|e| format!("backbone.{e}"))?;
+        if matches!(t.cache, CacheMode::Kv | CacheMode::Hidden) && self.backbone.augment != Augment::None {
+            return Err(format!(
+                "backbone.augment = \"{}\" makes every epoch's trunk input different: set train.cache = \"off\" (or \"auto\")",
+                serde_json::to_value(self.backbone.augment).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+            ));
+        }
         self.tuners.validate()?;
         if matches!(t.cache, CacheMode::Kv | CacheMode::Hidden) && !self.tuners.is_empty() {
             return Err(format!(
@@ -385,7 +402,13 @@ impl ExperimentConfig {
 
     /// True when the trunk is frozen and deterministic, so its features can be cached.
     pub fn trunk_is_constant(&self) -> bool {
-        self.tuners.is_empty() && self.train.trunk_embed_dropout == 0.0 && self.train.trunk_drop_path == 0.0
+        self.tuners.is_empty() && self.train.trunk_embed_dropout == 0.0 && self.train.trunk_drop_path == 0.0 && self.backbone.augment == Augment::None
+    }
+
+    /// The input pipeline of `backbone`.
+    pub fn preprocess(&self) -> Preprocess {
+        let b = &self.backbone;
+        Preprocess { img_size: b.img_size, resize: b.resize, normalization: b.normalization, resize_size: b.resize_size, augment: b.augment }
     }
 
     /// Short method name for logs and records: the query method, then the tuners
@@ -450,5 +473,19 @@ mod tests {
         assert!(e.contains("fmnist-smoke.toml") && e.contains("num_querys"), "{e}");
         let e = load(&p, &["train.epochs".into()]).unwrap_err().to_string();
         assert!(e.contains("expected key=value"), "{e}");
+    }
+
+    #[test]
+    fn augmentation_turns_the_auto_cache_off_and_is_recorded_in_the_pipeline() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/experiments/fmnist-smoke.toml");
+        let cfg = load(&p, &[]).unwrap();
+        assert!(cfg.trunk_is_constant());
+        let cfg = load(&p, &["backbone.augment=\"random-resized-crop\"".into(), "train.cache=\"auto\"".into()]).unwrap();
+        assert!(!cfg.trunk_is_constant());
+        assert_eq!(cfg.train.cache.kind(cfg.trunk_is_constant()), None);
+        assert_eq!(cfg.preprocess().augment, Augment::RandomResizedCrop);
+        let fgvc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/experiments/fgvc-cub-vitb16-adaptformer.toml");
+        let pre = load(&fgvc, &[]).unwrap().preprocess();
+        assert_eq!((pre.img_size, pre.resize_size, pre.augment), (224, Some(256), Augment::CropFlip));
     }
 }

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use vqt_core::data::files::Skipped;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use vqt_core::data::preprocess::Preprocess;
+use vqt_core::data::preprocess::{augment_seed as augment_seed_for, Preprocess};
 use vqt_core::data::Sample;
 use vqt_models::cache::{CacheKind, FeatureCache};
 use vqt_models::vit::load::default_resample;
@@ -42,6 +42,8 @@ pub struct Item {
     pub row: usize,
     /// Class id.
     pub label: usize,
+    /// The epoch it is served in (training; 0 elsewhere): seeds its augmentation.
+    pub epoch: usize,
 }
 
 /// Builds trunk-path batches from images (decoded and preprocessed in the loader workers) or
@@ -54,6 +56,8 @@ pub enum TrunkBatcher {
         samples: Arc<Vec<Sample>>,
         /// Preprocessing.
         pre: Preprocess,
+        /// `Some(run seed)`: apply the training augmentation, seeded per (seed, epoch, row).
+        augment_seed: Option<u64>,
     },
     /// Rows of a feature cache.
     Cached {
@@ -69,9 +73,14 @@ impl Batcher<Item, TrunkBatch> for TrunkBatcher {
         let labels: Vec<i64> = items.iter().map(|i| i.label as i64).collect();
         let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [items.len()]), device);
         let input = match self {
-            TrunkBatcher::Images { samples, pre } => {
-                let imgs: Vec<_> = items.iter().map(|i| &samples[i.row].image).collect();
-                let (values, shape) = pre.batch(&imgs);
+            TrunkBatcher::Images { samples, pre, augment_seed } => {
+                let (values, shape) = match augment_seed {
+                    Some(seed) => {
+                        let imgs: Vec<_> = items.iter().map(|i| (&samples[i.row].image, augment_seed_for(*seed, i.epoch, i.row))).collect();
+                        pre.batch_train(&imgs)
+                    }
+                    None => pre.batch(&items.iter().map(|i| &samples[i.row].image).collect::<Vec<_>>()),
+                };
                 TrunkInput::Images(Tensor::from_data(TensorData::new(values, shape), &device.clone().without_autodiff()))
             }
             TrunkBatcher::Cached { cache, vit } => {
@@ -121,7 +130,7 @@ impl Dataset<Item> for EpochShuffled {
         let n = self.served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let epoch = self.start_epoch + n / self.items.len().max(1);
         let row = self.order(epoch).get(index)?;
-        Ok(self.items[row].clone())
+        Ok(Item { epoch, ..self.items[row].clone() })
     }
 
     fn len(&self) -> usize {
@@ -311,7 +320,7 @@ pub fn load_data(data: &DataConfig, threads: usize) -> Result<Splits> {
 }
 
 fn items(s: &[Sample]) -> Vec<Item> {
-    s.iter().enumerate().map(|(row, x)| Item { row, label: x.label }).collect()
+    s.iter().enumerate().map(|(row, x)| Item { row, label: x.label, epoch: 0 }).collect()
 }
 
 impl Prepared {
@@ -325,7 +334,7 @@ impl Prepared {
     }
 
     fn image_batcher(&self, s: &Arc<Vec<Sample>>) -> TrunkBatcher {
-        TrunkBatcher::Images { samples: s.clone(), pre: self.pre.clone() }
+        TrunkBatcher::Images { samples: s.clone(), pre: self.pre.clone(), augment_seed: None }
     }
 }
 
@@ -339,7 +348,7 @@ pub fn prepare(cfg: &ExperimentConfig, device: &Device) -> Result<Prepared> {
     // Data.
     let (train_set, val_set, test_set, num_classes, skipped) = load_data(&cfg.data, cfg.train.num_workers.max(1))?;
     let (train_set, val_set, test_set) = (Arc::new(train_set), Arc::new(val_set), Arc::new(test_set));
-    let pre = Preprocess { img_size: cfg.backbone.img_size, resize: cfg.backbone.resize, normalization: cfg.backbone.normalization };
+    let pre = cfg.preprocess();
 
     // Backbone.
     let vcfg = cfg.vit_config();
@@ -381,12 +390,10 @@ pub fn cache_key(cfg: &ExperimentConfig, prep: &Prepared, kind: CacheKind) -> St
         None => format!("random-init-seed:{}", cfg.train.seed),
     };
     format!(
-        "{ckpt};vit={:?};data={};img={};resize={:?};norm={:?};kind={:?};dtype={:?}",
+        "{ckpt};vit={:?};data={};pre={};kind={:?};dtype={:?}",
         cfg.vit_config(),
         serde_json::to_string(&cfg.data).expect("data config serialises"),
-        cfg.backbone.img_size,
-        cfg.backbone.resize,
-        cfg.backbone.normalization,
+        serde_json::to_string(&prep.pre).expect("preprocess serialises"),
         kind,
         cfg.train.cache_dtype
     )
@@ -522,7 +529,10 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
 
     let (train_batcher, cache_record) = match cache_batcher(&prep, cfg, &plain)? {
         Some((b, r)) => (b, Some(r)),
-        None => (prep.image_batcher(&prep.train_set), None),
+        None => (
+            TrunkBatcher::Images { samples: prep.train_set.clone(), pre: prep.pre.clone(), augment_seed: prep.pre.is_random().then_some(cfg.train.seed) },
+            None,
+        ),
     };
     let model = prep.model.clone();
     // The model on the autodiff device, as the learner trains it: trainability is visible there.

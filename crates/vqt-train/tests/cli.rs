@@ -172,6 +172,12 @@ fn bad_input_is_one_line_with_exit_code_2() {
     assert!(e.contains("vit.safetensors: checkpoint has 4 blocks, the model has 3"), "{e}");
     let e = err_of(&["train", "--config", cfg_s, "--set", "train.cache=\"kv\"", "--set", "train.trunk_drop_path=0.1"]);
     assert!(e.contains("set train.cache = \\\"off\\\"") || e.contains("set train.cache = \"off\""), "{e}");
+    let e = err_of(&["train", "--config", cfg_s, "--set", "backbone.augment=\"crop-flip\"", "--set", "backbone.resize_size=40"]);
+    assert!(e.contains("exp.toml") && e.contains("backbone.augment = \"crop-flip\"") && e.contains("train.cache"), "{e}");
+    let e = err_of(&["train", "--config", cfg_s, "--set", "backbone.resize_size=28"]);
+    assert!(e.contains("exp.toml: backbone.resize_size 28 is smaller than img_size 32"), "{e}");
+    let e = err_of(&["train", "--config", cfg_s, "--set", "backbone.augment=\"mixup\""]);
+    assert!(e.contains("exp.toml") && e.contains("mixup"), "{e}");
     let e = err_of(&["train", "--config", cfg_s, "--set", "data.train_range=[0, 500]"]);
     assert!(e.contains("data.train_range [0, 500] exceeds the 60 images"), "{e}");
 }
@@ -201,11 +207,16 @@ fn epoch_losses(rec: &serde_json::Value) -> Vec<(f64, f64)> {
 }
 
 #[test]
-fn an_interrupted_adaptformer_run_resumes_to_the_same_result_and_evaluates() {
+fn an_interrupted_augmented_adaptformer_run_resumes_to_the_same_result_and_evaluates() {
     let d = tmp("resume");
     let cfg = config(&d, ADAPTFORMER, "auto");
     let out = d.join("run");
-    let full = train_in("resume-full", &cfg, &out, "cpu", &["--set", "train.epochs=4"]);
+    // With FGVC-style augmentation (resize 40, random 32 crop, flip): crops are seeded per
+    // (seed, epoch, image), so the resumed run must see the same ones.
+    let aug = ["--set", "train.epochs=4", "--set", "backbone.resize_size=40", "--set", "backbone.augment=\"crop-flip\""];
+    let full = train_in("resume-full", &cfg, &out, "cpu", &aug);
+    let plain = train_in("resume-plain", &cfg, &d.join("plain"), "cpu", &["--set", "train.epochs=1", "--set", "backbone.resize_size=40"]);
+    assert_ne!(epoch_losses(&plain)[0], epoch_losses(&full)[0], "augmentation changes the training batches");
     let epochs = full["epochs"].as_array().unwrap();
     assert_eq!(epochs.len(), 4);
     assert!(epochs[0]["train"]["lr"].as_f64().is_some() && epochs[3]["valid"]["accuracy"].as_f64().is_some(), "{}", full["epochs"]);
@@ -220,7 +231,7 @@ fn an_interrupted_adaptformer_run_resumes_to_the_same_result_and_evaluates() {
         std::fs::remove_file(ckpt.join(f)).unwrap();
     }
     std::fs::remove_file(out.join("run.json")).unwrap();
-    let resumed = train_in("resume-rest", &cfg, &out, "cpu", &["--set", "train.epochs=4", "--resume"]);
+    let resumed = train_in("resume-rest", &cfg, &out, "cpu", &[&aug[..], &["--resume"]].concat());
     assert_eq!(resumed["resumed_from_epoch"], 3);
     let (a, b) = (epoch_losses(&full), epoch_losses(&resumed));
     assert_eq!(a.len(), b.len());
@@ -238,7 +249,7 @@ fn an_interrupted_adaptformer_run_resumes_to_the_same_result_and_evaluates() {
     assert!(text.contains(&want), "{text} lacks {want}");
 
     // Nothing left to resume is an error, as is resuming a directory without checkpoints.
-    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--set", "train.epochs=4", "--resume"]);
+    let e = err_of(&[&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()][..], &aug[..], &["--resume"]].concat());
     assert!(e.contains("already completed all 4 epochs"), "{e}");
     let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--out", d.join("empty").to_str().unwrap(), "--resume"]);
     assert!(e.contains("found no complete checkpoint"), "{e}");
