@@ -92,6 +92,24 @@ pub enum DeviceError {
         /// The cargo feature that enables it.
         feature: &'static str,
     },
+    /// The backend cannot compute in the requested precision.
+    #[error("backend `{backend}` does not support --precision {precision} (use f32)")]
+    UnsupportedPrecision {
+        /// The backend asked for.
+        backend: BackendKind,
+        /// The precision asked for.
+        precision: &'static str,
+    },
+    /// The device refused the precision (e.g. it had already created tensors).
+    #[error("backend `{backend}`: cannot switch to {precision}: {reason}")]
+    Configure {
+        /// The backend asked for.
+        backend: BackendKind,
+        /// The precision asked for.
+        precision: &'static str,
+        /// Burn's reason.
+        reason: String,
+    },
     /// The backend is compiled in but no such device exists on this machine.
     #[error("backend `{backend}`: no device with index {index} (found {found})")]
     NoSuchDevice {
@@ -102,6 +120,67 @@ pub enum DeviceError {
         /// How many devices were found.
         found: usize,
     },
+}
+
+/// Floating-point precision of a run (`--precision`): every float tensor the device creates
+/// (weights, activations, gradients, optimizer state) uses it. This is pure reduced-precision
+/// training, not mixed precision with f32 master weights (Burn 0.22 has none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// f32 (the default).
+    #[default]
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl Precision {
+    /// Its name on the command line and in run records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    fn dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            Precision::F32 => burn::tensor::FloatDType::F32,
+            Precision::F16 => burn::tensor::FloatDType::F16,
+            Precision::Bf16 => burn::tensor::FloatDType::BF16,
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Precision::F32, Precision::F16, Precision::Bf16]
+            .into_iter()
+            .find(|p| p.name() == s.trim().to_ascii_lowercase())
+            .ok_or_else(|| format!("unknown precision `{s}`: expected f32, f16 or bf16"))
+    }
+}
+
+/// Sets `device`'s default float dtype. Must run before the device creates any tensor; a backend
+/// without the dtype (ndarray: f32 only) is a one-line error.
+pub fn configure_precision(device: &mut Device, backend: BackendKind, precision: Precision) -> Result<(), DeviceError> {
+    if precision == Precision::F32 {
+        return Ok(());
+    }
+    if device.settings().float_dtype == precision.dtype() {
+        return Ok(()); // the same device named twice (`--devices` on a CPU backend)
+    }
+    if !device.supports_dtype(precision.dtype()) {
+        return Err(DeviceError::UnsupportedPrecision { backend, precision: precision.name() });
+    }
+    device
+        .configure(precision.dtype())
+        .map_err(|e| DeviceError::Configure { backend, precision: precision.name(), reason: e.to_string() })
 }
 
 /// Builds the plain (non-autodiff) device for `backend`, device index `index`.

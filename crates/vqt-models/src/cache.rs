@@ -112,12 +112,12 @@ impl CacheDtype {
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     /// I/O failure on the file.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: std::path::PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Not a cache file, or a damaged one.
     #[error("{path}: not a vqt-rs feature cache: {msg}")]
@@ -254,7 +254,7 @@ impl FeatureCache {
     /// preprocessing preset, resize method, input size; [`FeatureCache::open`] checks it.
     pub fn save(&self, path: &std::path::Path, key: &str) -> Result<(), CacheError> {
         use std::io::Write;
-        let io = |source| CacheError::Io { path: path.to_path_buf(), source };
+        let io = |source| CacheError::Io { path: path.to_path_buf(), error: source };
         let header = FileHeader { key: key.to_string(), layout: self.layout, depth: self.layers.len() };
         let header = serde_json::to_vec(&header).expect("header serialises");
         let tmp = path.with_extension("partial");
@@ -277,10 +277,10 @@ impl FeatureCache {
     /// `key` or the file is damaged. Pages are read on demand, so the cache may exceed RAM.
     pub fn open(path: &std::path::Path, key: &str) -> Result<Self, CacheError> {
         let fmt = |msg: String| CacheError::Format { path: path.to_path_buf(), msg };
-        let file = std::fs::File::open(path).map_err(|source| CacheError::Io { path: path.to_path_buf(), source })?;
+        let file = std::fs::File::open(path).map_err(|source| CacheError::Io { path: path.to_path_buf(), error: source })?;
         // SAFETY: the file is only read; vqt-rs never modifies a cache file in place (it writes
         // a new file and renames it).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| CacheError::Io { path: path.to_path_buf(), source })?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| CacheError::Io { path: path.to_path_buf(), error: source })?;
         if map.len() < MAGIC.len() + 8 || &map[..MAGIC.len()] != MAGIC {
             return Err(fmt("bad magic".into()));
         }

@@ -12,3 +12,17 @@ pub mod vit;
 
 pub use model::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel};
 pub use vit::{Vit, VitConfig, VitPreset};
+
+/// Draws every lazily initialised parameter of `module` now, in module order. Burn initialises a
+/// parameter on its first use, so without this a seeded random model depends on which tensors
+/// the program happens to touch first (a training run that builds a feature cache and an `eval`
+/// that does not would get different random backbones from the same seed).
+pub fn materialize<M: burn::module::Module>(module: &M) {
+    struct Touch;
+    impl burn::module::ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+}

@@ -93,6 +93,8 @@ pub struct TrunkModel {
 impl TrunkModel {
     /// Freezes `backbone` (no gradients, no dropout) and pairs it with `method`.
     pub fn new(backbone: Vit, method: QueryMethod) -> Self {
+        crate::materialize(&backbone);
+        crate::materialize(&method);
         Self { backbone: backbone.freeze(), method, noise: TrunkNoise::default(), full_path: false }
     }
 
@@ -105,6 +107,8 @@ impl TrunkModel {
         if tuners.is_empty() {
             return Self::new(backbone, method);
         }
+        crate::materialize(&backbone);
+        crate::materialize(&method);
         Self { backbone, method, noise: TrunkNoise::default(), full_path: true }.train()
     }
 

@@ -230,6 +230,10 @@ pub struct TrainConfig {
     /// Weight decay.
     #[serde(default)]
     pub weight_decay: f64,
+    /// Adam/AdamW epsilon (PyTorch's default 1e-8). Under `--precision f16` it underflows to
+    /// 0 and the first update divides by zero: use 1e-4 there (or bf16).
+    #[serde(default = "default_adam_epsilon")]
+    pub adam_epsilon: f64,
     /// Warm-up epochs.
     #[serde(default)]
     pub warmup_epochs: usize,
@@ -268,6 +272,9 @@ pub struct TrainConfig {
 
 fn default_optim() -> OptimizerKind {
     OptimizerKind::Adamw
+}
+fn default_adam_epsilon() -> f64 {
+    1e-8
 }
 fn default_accum() -> usize {
     1

@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use vqt_core::device::{configure_precision, Precision};
 use vqt_core::{BackendKind, make_device};
 
 #[derive(Parser)]
@@ -15,6 +16,15 @@ struct Cli {
     /// Device index (GPU backends).
     #[arg(long, global = true)]
     device: Option<usize>,
+    /// Data-parallel training on these device indices, e.g. `0,1` (burn-train's multi-device
+    /// strategy: one batch per device per step, gradients summed on the first). CPU backends
+    /// have one device: there it runs that many workers on it (tests the path, no speed-up).
+    #[arg(long, global = true, value_delimiter = ',')]
+    devices: Vec<usize>,
+    /// Float precision of every tensor: f32, f16 or bf16 (where the backend supports it; pure
+    /// reduced precision, not mixed).
+    #[arg(long, global = true, default_value = "f32")]
+    precision: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -114,30 +124,45 @@ fn main() {
     }
 }
 
+/// The plain device of `backend`, in the requested precision.
+fn device(backend: BackendKind, index: Option<usize>, precision: Precision) -> Result<burn::tensor::Device> {
+    let mut d = make_device(backend, index)?;
+    configure_precision(&mut d, backend, precision)?;
+    Ok(d)
+}
+
 fn run() -> Result<()> {
     let cli = Cli::parse();
     let backend: BackendKind = cli.backend.parse()?;
+    let precision: Precision = cli.precision.parse().map_err(anyhow::Error::msg)?;
+    let index = cli.device;
+    anyhow::ensure!(cli.device.is_none() || cli.devices.is_empty(), "give --device N or --devices N,M,..., not both");
+    let mut devices = Vec::new();
+    for &i in &cli.devices {
+        devices.push((i, device(backend, Some(i), precision)?));
+    }
+    let index = index.or(cli.devices.first().copied());
     match cli.command {
         Command::Cache { config, overrides, out } => {
             let cfg = vqt_train::config::load(&config, &overrides)?;
             let path = out
                 .or_else(|| cfg.train.cache_file.clone())
                 .ok_or_else(|| anyhow::anyhow!("{}: give --out or set train.cache_file", config.display()))?;
-            let device = make_device(backend, cli.device)?;
+            let device = device(backend, index, precision)?;
             let (n, bytes) = vqt_train::run::build_cache_file(&cfg, &device, &path)?;
             println!("{}: feature cache of {n} images, {:.1} MiB", path.display(), bytes as f64 / 1048576.0);
             Ok(())
         }
         Command::Extract { config, overrides, split, out } => {
             let cfg = vqt_train::config::load(&config, &overrides)?;
-            let device = make_device(backend, cli.device)?;
+            let device = device(backend, index, precision)?;
             let n = vqt_train::run::extract(&cfg, &device, split, &out)?;
             println!("{}: per-layer features of {n} {split:?} images", out.display());
             Ok(())
         }
         Command::Tune { config, overrides, tasks, grid, seeds, out } => {
-            let device = make_device(backend, cli.device)?;
-            let r = vqt_train::tune::tune(&config, &overrides, &tasks, &grid, &seeds, backend.name(), &device, &out)?;
+            let device = device(backend, index, precision)?;
+            let r = vqt_train::tune::tune(&config, &overrides, &tasks, &grid, &seeds, backend.name(), &device, &vqt_train::run::TrainOptions { resume: false, device_index: index, precision, devices: devices.clone() }, &out)?;
             let md = vqt_train::tune::markdown(&r);
             std::fs::create_dir_all(&out)?;
             vqt_core::fs::write_atomic(&out.join("tune.json"), serde_json::to_string_pretty(&r)?.as_bytes())?;
@@ -146,7 +171,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Eval { run, split } => {
-            let device = make_device(backend, cli.device)?;
+            let device = device(backend, index, precision)?;
             let (acc, n) = vqt_train::run::evaluate(&run, split, &device)?;
             println!("{}: {split:?} accuracy {acc:.2}% ({n} images) on {}", run.display(), backend.name());
             Ok(())
@@ -159,8 +184,8 @@ fn run() -> Result<()> {
             if skip_bad {
                 cfg.data.set_skip_bad().map_err(anyhow::Error::msg)?;
             }
-            let device = make_device(backend, cli.device)?;
-            let opts = vqt_train::run::TrainOptions { resume, device_index: cli.device };
+            let device = device(backend, index, precision)?;
+            let opts = vqt_train::run::TrainOptions { resume, device_index: index, precision, devices };
             let r = vqt_train::run::train(&cfg, backend.name(), &device, &out, opts)?;
             println!(
                 "{} on {}: val {:.2}%, test {:.2}% ({} test images), {} trainable / {} params, {:.1}s -> {}",

@@ -19,7 +19,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::train::checkpoint::{FileCheckpointer, KeepLastNCheckpoints};
 use burn::train::metric::{AccuracyMetric, LearningRateMetric, LossMetric};
 use burn::train::renderer::MetricsRenderer;
-use burn::train::{Learner, SupervisedTraining};
+use burn::train::{ExecutionStrategy, Learner, MultiDeviceOptim, SupervisedTraining};
 use crate::checkpoint::TrainableCheckpointer;
 use crate::progress::{EpochMetrics, EpochRenderer, RunLog};
 use serde::{Deserialize, Serialize};
@@ -147,6 +147,12 @@ pub struct RunRecord {
     pub backend: String,
     /// Device index, if one was given.
     pub device_index: Option<usize>,
+    /// Float precision of every tensor (`--precision`).
+    #[serde(default = "f32_name")]
+    pub precision: String,
+    /// Device indices of a data-parallel run (`--devices`); empty for one device.
+    #[serde(default)]
+    pub devices: Vec<usize>,
     /// Checkpoint identity (absent for a random backbone).
     pub checkpoint: Option<CheckpointRecord>,
     /// Method name (`vqt`, `linear+lora`, `vqt+adaptformer`, …).
@@ -498,12 +504,22 @@ const EPOCHS_FILE: &str = "epochs.json";
 pub const TRAINABLE_FILE: &str = "trainable.safetensors";
 
 /// How to start training.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct TrainOptions {
     /// Continue from the latest complete checkpoint in `<out>/checkpoint`.
     pub resume: bool,
     /// Device index, for the record.
     pub device_index: Option<usize>,
+    /// The precision the device was configured with, for the record and the f16 checks.
+    pub precision: vqt_core::device::Precision,
+    /// `--devices`: with two or more (plain) devices, data-parallel training through
+    /// burn-train's `MultiDevice` strategy (the first device holds the optimizer); their indices
+    /// go into the record.
+    pub devices: Vec<(usize, Device)>,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 /// Runs the experiment; artifacts (checkpoints, learner logs, `run.json`) go to `out`.
@@ -521,6 +537,15 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
     } else {
         None
     };
+    if opts.precision == vqt_core::device::Precision::F16
+        && matches!(cfg.train.optimizer, crate::config::OptimizerKind::Adam | crate::config::OptimizerKind::Adamw)
+        && cfg.train.adam_epsilon < 1e-7
+    {
+        anyhow::bail!(
+            "train.adam_epsilon = {:e} underflows to 0 in f16 (the first Adam update divides by zero): set train.adam_epsilon = 1e-4 with --precision f16, or use --precision bf16",
+            cfg.train.adam_epsilon
+        );
+    }
     let prep = prepare(cfg, device)?;
     if resume_from.is_none() && ckpt_dir.exists() {
         // A fresh run must not pick up stale checkpoints of an earlier one.
@@ -552,15 +577,17 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
 
     // Optimiser and schedule (per iteration: linear warm-up, then cosine to 0).
     let optim = match t.optimizer {
-        OptimizerKind::Adamw => AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(t.weight_decay as f32).init(),
-        OptimizerKind::Adam => AdamConfig::new().with_epsilon(1e-8).with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32))).init(),
+        OptimizerKind::Adamw => AdamWConfig::new().with_epsilon(t.adam_epsilon as f32).with_weight_decay(t.weight_decay as f32).init(),
+        OptimizerKind::Adam => AdamConfig::new().with_epsilon(t.adam_epsilon as f32).with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32))).init(),
         OptimizerKind::Sgd => SgdConfig::new()
             .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
             .with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32)))
             .init(),
     };
-    // The schedule advances once per optimizer step (after `grad_accumulation` batches).
-    let iters_per_epoch = prep.train_set.len().div_ceil(t.batch_size).div_ceil(t.grad_accumulation);
+    // The schedule advances once per optimizer step (after `grad_accumulation` batches; with N
+    // devices each step takes one batch per device, each device reading 1/N of the split).
+    let workers = opts.devices.len().max(1);
+    let iters_per_epoch = prep.train_set.len().div_ceil(workers).div_ceil(t.batch_size).div_ceil(t.grad_accumulation);
     let total_iters = iters_per_epoch * t.epochs;
     let warmup = (iters_per_epoch * t.warmup_epochs).min(total_iters.saturating_sub(1));
     let cosine = CosineAnnealingLrSchedulerConfig::new(t.lr, (total_iters - warmup).max(1));
@@ -599,6 +626,10 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
         .with_checkpointing_strategy(KeepLastNCheckpoints::new(2));
     if t.grad_accumulation > 1 {
         training = training.grads_accumulation(t.grad_accumulation);
+    }
+    if opts.devices.len() > 1 {
+        let devices = opts.devices.iter().map(|(_, d)| d.clone().without_autodiff().autodiff()).collect();
+        training = training.with_training_strategy(ExecutionStrategy::MultiDevice(devices, MultiDeviceOptim::OptimMainDevice).into());
     }
     if let Some(n_epochs) = t.early_stopping_patience {
         use burn::train::metric::store::{Aggregate, Direction, Split};
@@ -641,6 +672,8 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
         config: cfg.clone(),
         backend: backend.to_string(),
         device_index: opts.device_index,
+        precision: opts.precision.name().into(),
+        devices: opts.devices.iter().map(|(i, _)| *i).collect(),
         checkpoint: prep.checkpoint,
         method: cfg.method_name(),
         path: if eval_model.full_path { "full" } else { "trunk" }.into(),

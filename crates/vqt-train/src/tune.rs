@@ -87,7 +87,8 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 /// Runs the protocol for `tasks` with the base config at `config` (its `[data]` must be
 /// `kind = "vtab"`; `task` and the splits are set per run).
 #[allow(clippy::too_many_arguments)]
-pub fn tune(config_path: &Path, overrides: &[String], tasks: &[String], axes: &[Axis], seeds: &[u64], backend: &str, device: &Device, out: &Path) -> Result<TuneReport> {
+#[allow(clippy::too_many_arguments)]
+pub fn tune(config_path: &Path, overrides: &[String], tasks: &[String], axes: &[Axis], seeds: &[u64], backend: &str, device: &Device, opts: &TrainOptions, out: &Path) -> Result<TuneReport> {
     let base = config::load(config_path, overrides)?;
     anyhow::ensure!(matches!(base.data, DataConfig::Vtab { .. }), "{}: tune needs `[data] kind = \"vtab\"`", config_path.display());
     anyhow::ensure!(!tasks.is_empty() && !seeds.is_empty(), "tune: give at least one --task and one --seed");
@@ -98,7 +99,7 @@ pub fn tune(config_path: &Path, overrides: &[String], tasks: &[String], axes: &[
         o.extend(split_overrides.iter().cloned());
         o.extend(extra.iter().cloned());
         let cfg: ExperimentConfig = config::load(config_path, &o)?;
-        train(&cfg, backend, device, &dir, TrainOptions::default()).with_context(|| format!("{task} {}", extra.join(" ")))
+        train(&cfg, backend, device, &dir, opts.clone()).with_context(|| format!("{task} {}", extra.join(" ")))
     };
     let mut results = Vec::new();
     for task in tasks {

@@ -327,7 +327,7 @@ fn cache_subcommand_builds_a_file_that_training_reuses_and_extract_writes_featur
     assert_eq!(o.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&o.stderr);
     let e = stderr.trim_end().lines().last().unwrap();
-    assert!(e.starts_with("error: ") && e.contains("train.kvcache: cache was built for") && e.contains("resize=Nearest"), "{e}");
+    assert!(e.starts_with("error: ") && e.contains("train.kvcache: cache was built for") && e.contains("\"resize\":\"nearest\""), "{e}");
     // A tuned trunk has no cache to build.
     let e = err_of(&["cache", "--config", cfg.to_str().unwrap(), "--out", "/tmp/x", "--set", "train.cache=\"auto\"", "--set", "tuners.bitfit=true"]);
     assert!(e.contains("not frozen and deterministic"), "{e}");
@@ -429,4 +429,85 @@ fn tune_runs_the_vtab_protocol_and_reports_both_averages() {
     assert_eq!(fin["config"]["train"]["seed"], 43);
     let (a, b) = (r["group_means"][0][1].as_f64().unwrap(), r["group_means"][1][1].as_f64().unwrap());
     assert!((r["group_mean"].as_f64().unwrap() - (a + b) / 2.0).abs() < 1e-9);
+}
+
+#[test]
+fn precision_flag_trains_in_bf16_records_it_and_refuses_what_cannot_work() {
+    let d = tmp("precision");
+    let cfg = config(&d, "kind = \"vqt\"\nnum_queries = 1\nquery_dropout = 0.0", "auto");
+    let out = d.join("run");
+    let rec = train_in("bf16", &cfg, &out, "cpu", &["--precision", "bf16", "--set", "train.epochs=3"]);
+    assert_eq!(rec["precision"], "bf16");
+    let losses = epoch_losses(&rec);
+    assert!(losses.iter().all(|(t, v)| t.is_finite() && v.is_finite()), "{losses:?}");
+    // The trainable file is bf16; `eval` reproduces the recorded accuracy in bf16, and an f32
+    // evaluation of the same run loads it by casting.
+    let bytes = std::fs::read(out.join("trainable.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+    assert!(header.contains("\"BF16\"") && !header.contains("\"F32\""), "{header}");
+    let eval = |extra: &[&str]| {
+        let o = bin().args(extra).args(["eval", "--run"]).arg(&out).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let want = format!("Test accuracy {:.2}% (30 images)", rec["test_accuracy"].as_f64().unwrap());
+    let text = eval(&["--precision", "bf16"]);
+    assert!(text.contains(&want), "{text} lacks {want}");
+    assert!(eval(&[]).contains("Test accuracy"));
+
+    let cfg_s = cfg.to_str().unwrap();
+    let e = err_of(&["--backend", "ndarray", "--precision", "f16", "train", "--config", cfg_s]);
+    assert!(e.contains("backend `ndarray` does not support --precision f16"), "{e}");
+    let e = err_of(&["--precision", "f16", "train", "--config", cfg_s, "--out", d.join("f16").to_str().unwrap()]);
+    assert!(e.contains("train.adam_epsilon = 1e-8 underflows to 0 in f16"), "{e}");
+    let e = err_of(&["--precision", "f64", "train", "--config", cfg_s]);
+    assert!(e.contains("unknown precision `f64`"), "{e}");
+}
+
+#[test]
+fn a_random_backbone_is_the_same_in_train_and_eval() {
+    // No checkpoint: the backbone comes from the seed. Training builds a feature cache (touching
+    // the backbone first), eval does not; both must draw the same weights.
+    let d = tmp("random-backbone");
+    let cfg = config(&d, "kind = \"vqt\"\nnum_queries = 1\nquery_dropout = 0.0", "auto");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text: String = text.lines().filter(|l| !l.starts_with("checkpoint =")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&cfg, text).unwrap();
+    let out = d.join("run");
+    let o = bin().args(["train", "--config"]).arg(&cfg).arg("--out").arg(&out).args(["--set", "train.epochs=2"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert!(rec["checkpoint"].is_null());
+    let o = bin().args(["eval", "--run"]).arg(&out).args(["--split", "val"]).output().unwrap();
+    let want = format!("Val accuracy {:.2}% (12 images)", rec["val_accuracy"].as_f64().unwrap());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(&want), "{text} lacks {want}");
+}
+
+#[test]
+fn devices_flag_trains_data_parallel_through_burn_train() {
+    // The CPU backend has one device: `--devices 0,1` runs burn-train's MultiDevice strategy
+    // with two workers on it. Each optimizer step takes one batch per worker, so an epoch of 48
+    // images in batches of 16 is two steps (not three).
+    let d = tmp("devices");
+    let cfg = config(&d, ADAPTFORMER, "auto");
+    let rec = train_in("devices", &cfg, &d.join("run"), "cpu", &["--devices", "0,1", "--set", "train.epochs=3", "--set", "train.warmup_epochs=0"]);
+    assert_eq!(rec["devices"], serde_json::json!([0, 1]));
+    // burn-train logs one learning rate per batch: 4 batches (2 per worker), in 2 steps that
+    // share their rate.
+    let lrs: Vec<f64> = std::fs::read_to_string(d.join("run/train/epoch-1/Learning_Rate.log"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.ends_with("final"))
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(lrs.len(), 4, "{lrs:?}");
+    assert!(lrs[0] == lrs[1] && lrs[2] == lrs[3] && lrs[1] > lrs[2], "{lrs:?}");
+    let losses = epoch_losses(&rec);
+    assert_eq!(losses.len(), 3);
+    assert!(losses.iter().all(|(t, v)| t.is_finite() && v.is_finite()), "{losses:?}");
+    assert!(rec["test_accuracy"].as_f64().unwrap() > 0.0);
+    let e = err_of(&["--device", "0", "--devices", "0,1", "train", "--config", cfg.to_str().unwrap()]);
+    assert!(e.contains("give --device N or --devices N,M,..., not both"), "{e}");
 }

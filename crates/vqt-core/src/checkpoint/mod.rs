@@ -40,12 +40,12 @@ pub enum CheckpointFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// The file could not be opened or read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The container is damaged or not what the extension says (truncated, bad header...).
     #[error("{path}: not a readable {container} file: {msg}")]
@@ -101,7 +101,7 @@ pub enum CheckpointError {
 
 impl CheckpointError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        CheckpointError::Io { path: path.to_path_buf(), source }
+        CheckpointError::Io { path: path.to_path_buf(), error: source }
     }
 }
 

@@ -46,7 +46,7 @@ fn fmt_err(path: &Path, msg: impl Into<String>) -> DataError {
 }
 
 fn read_text(path: &Path) -> Result<String, DataError> {
-    std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), error: source })
 }
 
 /// VTAB-1k tasks: NOAH folder name, accepted aliases, class count (formats.md §2.1).
@@ -199,7 +199,7 @@ pub fn read_fgvc(root: &Path, image_root: &Path) -> Result<([Vec<Entry>; 3], usi
 /// ImageFolder: `root/<class>/*.{jpg,jpeg,png,bmp}`; class id = index of the folder name in the
 /// sorted list. Returns the entries and the class names.
 pub fn read_image_folder(root: &Path) -> Result<(Vec<Entry>, Vec<String>), DataError> {
-    let io = |source| DataError::Io { path: root.to_path_buf(), source };
+    let io = |source| DataError::Io { path: root.to_path_buf(), error: source };
     let mut classes: Vec<String> = std::fs::read_dir(root)
         .map_err(io)?
         .filter_map(|e| e.ok())
@@ -211,7 +211,7 @@ pub fn read_image_folder(root: &Path) -> Result<(Vec<Entry>, Vec<String>), DataE
     for (label, class) in classes.iter().enumerate() {
         let dir = root.join(class);
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|source| DataError::Io { path: dir.clone(), source })?
+            .map_err(|source| DataError::Io { path: dir.clone(), error: source })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| ["jpg", "jpeg", "png", "bmp"].contains(&e.to_lowercase().as_str())))
             .collect();
@@ -226,7 +226,7 @@ pub fn read_image_folder(root: &Path) -> Result<(Vec<Entry>, Vec<String>), DataE
 
 /// Decodes one image file to 8-bit grey or RGB.
 pub fn decode(path: &Path) -> Result<RawImage, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), error: source })?;
     let img = image::load_from_memory(&bytes).map_err(|e| fmt_err(path, format!("cannot decode image: {e}")))?;
     let (width, height) = (img.width() as usize, img.height() as usize);
     let (channels, pixels): (usize, Vec<u8>) = match img.color().channel_count() {
@@ -283,7 +283,7 @@ pub fn load(entries: &[Entry], num_classes: usize, skip_bad: bool, threads: usiz
             }
             Err((err, _)) => {
                 return Err(match err {
-                    DataError::Io { path, source } => DataError::Format { path, msg: format!("{source} (listed at {})", e.origin) },
+                    DataError::Io { path, error: source } => DataError::Format { path, msg: format!("{source} (listed at {})", e.origin) },
                     DataError::Format { path, msg } => DataError::Format { path, msg: format!("{msg} (listed at {})", e.origin) },
                 });
             }

@@ -399,7 +399,13 @@ pub fn load_trainable<M: Module>(module: M, path: &Path) -> Result<M, TrainableE
         Some(json) => serde_json::from_str(json).map_err(|e| TrainableError::Io { path: p.clone(), msg: format!("metadata `{PARAM_IDS_KEY}`: {e}") })?,
         None => Default::default(),
     };
-    let mut store = SafetensorsStore::from_bytes(Some(bytes)).skip_enum_variants(true).allow_partial(true);
+    // Float tensors take the model device's precision (a file written by an f32 run loads into
+    // a bf16 model and vice versa); burn-store would otherwise keep the file's dtype.
+    let target: burn::tensor::DType = module.devices().first().map(|d| d.settings().float_dtype.into()).unwrap_or(burn::tensor::DType::F32);
+    let mut store = SafetensorsStore::from_bytes(Some(bytes))
+        .skip_enum_variants(true)
+        .allow_partial(true)
+        .with_from_adapter(burn::store::FloatCastAdapter::to(target));
     let mut module = module;
     let report = module.load_from(&mut store).map_err(|e| TrainableError::Io { path: p.clone(), msg: e.to_string() })?;
     if !report.unused.is_empty() {

@@ -117,7 +117,7 @@ impl VitConfig {
                 }
             })
             .collect();
-        Vit {
+        let vit = Vit {
             patch_embed: PatchEmbed::new(self.in_chans, d, self.patch_size, device),
             cls_token: small.init([1, 1, d], device),
             pos_embed: small.init([1, self.num_tokens(), d], device),
@@ -127,7 +127,9 @@ impl VitConfig {
             ssf_patch: None,
             ssf_norm: None,
             vpt: None,
-        }
+        };
+        crate::materialize(&vit);
+        vit
     }
 }
 
