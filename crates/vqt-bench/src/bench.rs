@@ -225,7 +225,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
                 Some((c, _)) => TrunkInput::Cached(c.batch(&model.backbone, &(i * b..(i + 1) * b).collect::<Vec<_>>(), &ad)),
                 None => TrunkInput::Images(x.clone()),
             };
-            let out = model.forward_classification(TrunkBatch { input, targets: targets.clone() });
+            let out = model.forward_classification(TrunkBatch { input, targets: targets.clone(), rng_seed: None });
             sample(&mut device_peak);
             let grads = GradientsParams::from_grads(out.loss.backward(), &model);
             sample(&mut device_peak);

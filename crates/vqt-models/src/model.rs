@@ -74,6 +74,11 @@ pub struct TrunkBatch {
     pub input: TrunkInput,
     /// Class ids `[B]`.
     pub targets: Tensor<1, Int>,
+    /// Training: re-seed the device before this batch's forward pass, so its dropout and
+    /// drop-path draws depend on the batch (the loader derives it from the run seed, the epoch
+    /// and the batch's rows), not on how many draws came before. A resumed run then repeats the
+    /// uninterrupted run's masks exactly.
+    pub rng_seed: Option<u64>,
 }
 
 /// Frozen backbone + query-side method.
@@ -185,6 +190,11 @@ impl TrainStep for TrunkModel {
     type Output = ClassificationOutput;
 
     fn step(&self, batch: TrunkBatch) -> TrainOutput<ClassificationOutput> {
+        if let Some(seed) = batch.rng_seed {
+            let device = batch.targets.device();
+            device.clone().without_autodiff().seed(seed);
+            device.seed(seed);
+        }
         let out = self.forward_training(batch);
         TrainOutput::new(self, out.loss.backward(), out)
     }

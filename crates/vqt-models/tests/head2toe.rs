@@ -17,7 +17,7 @@ fn steps(mut model: TrunkModel, x: &Tensor<4>, y: &Tensor<1, Int>, n: usize, lr:
     let mut optim = AdamConfig::new().init();
     let mut losses = Vec::new();
     for _ in 0..n {
-        let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(x.clone()), targets: y.clone() });
+        let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(x.clone()), targets: y.clone(), rng_seed: None });
         losses.push(out.loss.clone().into_scalar::<f32>());
         let grads = GradientsParams::from_grads(out.loss.backward(), &model);
         model = optim.step(lr, model, grads);
@@ -49,7 +49,7 @@ fn compress_then_featselect() {
     let pen = a.penalty().unwrap().into_scalar::<f32>();
     assert!((pen - ce_only).abs() < 1e-3 * ce_only.max(1.0), "{pen} vs {ce_only}");
     let model = TrunkModel::new(backbone, QueryMethod::Vqt(a));
-    let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(x.clone()), targets: y.clone() });
+    let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(x.clone()), targets: y.clone(), rng_seed: None });
     let mut grads = out.loss.backward();
     assert!(vqt(&model).queries.grad(&grads).is_none(), "frozen queries got a gradient");
     assert_eq!(GradientsParams::from_module(&mut grads, &model.method).len(), 2, "only head weight and bias train");

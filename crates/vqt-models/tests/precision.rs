@@ -33,7 +33,7 @@ fn bf16_models_train_save_and_reload() {
     let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
     let mut losses = Vec::new();
     for step in 0..6 {
-        let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(images(&plain, 8, 40)), targets: targets(8, &ad) });
+        let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(images(&plain, 8, 40)), targets: targets(8, &ad), rng_seed: None });
         losses.push(out.loss.clone().into_scalar::<f32>());
         assert_eq!(out.loss.dtype(), DType::BF16, "step {step}");
         let grads = GradientsParams::from_grads(out.loss.backward(), &model);

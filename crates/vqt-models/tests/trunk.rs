@@ -48,7 +48,7 @@ fn no_backbone_parameter_receives_a_gradient_and_every_method_parameter_does() {
             count
         };
         let model = TrunkModel::new(tiny().init(&plain), method);
-        let batch = TrunkBatch { input: TrunkInput::Images(images(&ad, 4, 2)), targets: targets(4, &ad) };
+        let batch = TrunkBatch { input: TrunkInput::Images(images(&ad, 4, 2)), targets: targets(4, &ad), rng_seed: None };
         let out = model.forward_classification(batch);
         let mut grads = out.loss.backward();
         assert_eq!(GradientsParams::from_module(&mut grads, &model.backbone).len(), 0, "{name}: backbone got gradients");
@@ -81,7 +81,7 @@ fn training_leaves_the_backbone_and_its_outputs_bit_identical() {
     let mut model = TrunkModel::new(vit, QueryMethod::Vqt(vqt));
     let mut optim = AdamConfig::new().init();
     for step in 0..3 {
-        let batch = TrunkBatch { input: TrunkInput::Images(images(&ad, 4, 10 + step)), targets: targets(4, &ad) };
+        let batch = TrunkBatch { input: TrunkInput::Images(images(&ad, 4, 10 + step)), targets: targets(4, &ad), rng_seed: None };
         let out = model.forward_classification(batch);
         let grads = GradientsParams::from_grads(out.loss.backward(), &model);
         model = optim.step(1e-2, model, grads);
@@ -128,7 +128,7 @@ fn train_losses(mut model: TrunkModel, data: &Tensor<4>, cached: Option<(CacheKi
                     TrunkInput::Images(data.clone().select(0, idx))
                 }
             };
-            let out = model.forward_classification(TrunkBatch { input, targets: targets(4, &ad) });
+            let out = model.forward_classification(TrunkBatch { input, targets: targets(4, &ad), rng_seed: None });
             losses.push(out.loss.clone().into_scalar::<f32>());
             let grads = GradientsParams::from_grads(out.loss.backward(), &model);
             model = optim.step(5e-3, model, grads);
@@ -189,7 +189,7 @@ fn faithful_trunk_noise_is_random_in_training_only_and_stays_off_the_tape() {
 
     let vqt = VqtConfig { num_queries: 1, query_dropout: 0.0 }.init(vit.depth(), vit.embed_dim(), 4, CLASSES, &ad);
     let model = TrunkModel::new(vit, QueryMethod::Vqt(vqt)).with_noise(noise);
-    let batch = || TrunkBatch { input: TrunkInput::Images(x.clone()), targets: targets(4, &ad) };
+    let batch = || TrunkBatch { input: TrunkInput::Images(x.clone()), targets: targets(4, &ad), rng_seed: None };
     // Evaluation ignores the noise: deterministic.
     let e1 = model.forward_classification(batch()).loss.into_scalar::<f32>();
     let e2 = model.forward_classification(batch()).loss.into_scalar::<f32>();

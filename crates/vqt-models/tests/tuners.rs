@@ -109,7 +109,7 @@ fn trained_paths(model: TrunkModel, x: Tensor<4>) -> (Vec<String>, usize) {
     let ad = Device::flex().autodiff();
     let model = model.fork(&ad);
     let trainable: Vec<String> = tensor_infos(&model).into_iter().filter(|i| i.trainable).map(|i| i.path).collect();
-    let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(x), targets: targets(4, &ad) });
+    let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(x), targets: targets(4, &ad), rng_seed: None });
     let mut grads = out.loss.backward();
     let n = GradientsParams::from_module(&mut grads, &model).len();
     (trainable, n)
@@ -161,7 +161,7 @@ fn training_a_tuner_leaves_the_frozen_backbone_bit_identical() {
     let mut optim = AdamConfig::new().init();
     let mut losses = Vec::new();
     for step in 0..4 {
-        let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(images(&plain, 4, 6 + step)), targets: targets(4, &ad) });
+        let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(images(&plain, 4, 6 + step)), targets: targets(4, &ad), rng_seed: None });
         losses.push(out.loss.clone().into_scalar::<f32>());
         let grads = GradientsParams::from_grads(out.loss.backward(), &model);
         model = optim.step(1e-2, model, grads);
@@ -245,7 +245,7 @@ fn trainable_parameters_save_and_load_alone() {
     let mut model = build(12);
     let mut optim = AdamConfig::new().init();
     for step in 0..2 {
-        let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(images(&plain, 4, 20 + step)), targets: targets(4, &ad) });
+        let out = model.forward_classification(TrunkBatch { input: TrunkInput::Images(images(&plain, 4, 20 + step)), targets: targets(4, &ad), rng_seed: None });
         let grads = GradientsParams::from_grads(out.loss.backward(), &model);
         model = optim.step(1e-2, model, grads);
     }

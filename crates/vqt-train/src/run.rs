@@ -88,7 +88,27 @@ impl Batcher<Item, TrunkBatch> for TrunkBatcher {
                 TrunkInput::Cached(cache.batch(vit, &rows, device))
             }
         };
-        TrunkBatch { input, targets }
+        TrunkBatch { input, targets, rng_seed: None }
+    }
+}
+
+/// The training batcher: a [`TrunkBatcher`] whose batches carry a device seed derived from the
+/// run seed, the epoch and the batch's rows (see [`TrunkBatch::rng_seed`]), so dropout and
+/// drop-path masks repeat exactly in a resumed run.
+#[derive(Clone)]
+pub struct SeededBatcher {
+    /// Builds the batch.
+    pub inner: TrunkBatcher,
+    /// The run seed.
+    pub seed: u64,
+}
+
+impl Batcher<Item, TrunkBatch> for SeededBatcher {
+    fn batch(&self, items: Vec<Item>, device: &Device) -> TrunkBatch {
+        let epoch = items.first().map_or(0, |i| i.epoch);
+        let rows = items.iter().fold(0x5EED_u64, |h, i| augment_seed_for(h, epoch, i.row));
+        let seed = augment_seed_for(self.seed ^ 0xD0_0D_F00D, epoch, rows as usize);
+        TrunkBatch { rng_seed: Some(seed), ..self.inner.batch(items, device) }
     }
 }
 
@@ -565,7 +585,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
     let (trainable, total) = vqt_models::tuners::param_counts(&template);
 
     let t = &cfg.train;
-    let loader_train = DataLoaderBuilder::new(train_batcher)
+    let loader_train = DataLoaderBuilder::new(SeededBatcher { inner: train_batcher, seed: t.seed })
         .batch_size(t.batch_size)
         .num_workers(t.num_workers)
         .build(EpochShuffled::new(items(&prep.train_set), t.seed, resume_from.unwrap_or(0)));

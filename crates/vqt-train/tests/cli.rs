@@ -211,9 +211,10 @@ fn an_interrupted_augmented_adaptformer_run_resumes_to_the_same_result_and_evalu
     let d = tmp("resume");
     let cfg = config(&d, ADAPTFORMER, "auto");
     let out = d.join("run");
-    // With FGVC-style augmentation (resize 40, random 32 crop, flip): crops are seeded per
-    // (seed, epoch, image), so the resumed run must see the same ones.
-    let aug = ["--set", "train.epochs=4", "--set", "backbone.resize_size=40", "--set", "backbone.augment=\"crop-flip\""];
+    // With FGVC-style augmentation (resize 40, random 32 crop, flip) and adapter dropout 0.1:
+    // crops are seeded per (seed, epoch, image) and dropout masks per (seed, epoch, batch), so
+    // the resumed run must see the same ones.
+    let aug = ["--set", "train.epochs=4", "--set", "backbone.resize_size=40", "--set", "backbone.augment=\"crop-flip\"", "--set", "tuners.adaptformer.dropout=0.1"];
     let full = train_in("resume-full", &cfg, &out, "cpu", &aug);
     let plain = train_in("resume-plain", &cfg, &d.join("plain"), "cpu", &["--set", "train.epochs=1", "--set", "backbone.resize_size=40"]);
     assert_ne!(epoch_losses(&plain)[0], epoch_losses(&full)[0], "augmentation changes the training batches");
