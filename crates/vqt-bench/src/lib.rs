@@ -2,5 +2,6 @@
 //! and reports aggregated from training run records.
 
 pub mod bench;
+pub mod compare;
 pub mod parity;
 pub mod report;

@@ -56,6 +56,26 @@ enum Command {
         #[arg(long)]
         title: Option<String>,
     },
+    /// Measure methods with vqt-rs and with the PyTorch reference script (torch + timm on the
+    /// CPU), interleaved, each in its own process; writes `<out>.json` and `<out>.md` with the
+    /// ratios ours / PyTorch and the targets.
+    Compare {
+        /// Comma-separated vqt-rs methods: linear, full-ft, lora, adaptformer, vpt-deep, vqt
+        /// (against PyTorch's official-style and trunk-style VQT), synqt (no PyTorch row).
+        #[arg(long, default_value = "linear,full-ft,lora,adaptformer,vpt-deep,vqt,synqt")]
+        methods: String,
+        /// Python with torch and timm.
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// The reference script.
+        #[arg(long, default_value = "tools/torch_bench.py")]
+        script: PathBuf,
+        #[command(flatten)]
+        shape: Shape,
+        /// Output path prefix.
+        #[arg(long, default_value = "bench-compare")]
+        out: PathBuf,
+    },
     /// Measure one method in this process and print one JSON line (used by `memory`).
     Step {
         /// The method.
@@ -179,6 +199,55 @@ fn run() -> Result<()> {
             let plot = vqt_bench::report::svg(&rows, title.as_deref().unwrap_or("accuracy vs memory")).map_err(anyhow::Error::msg)?;
             write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&rows)?)?;
             write_atomic(&out.with_extension("svg"), &plot)?;
+            write_atomic(&out.with_extension("md"), &md)?;
+            print!("{md}");
+            Ok(())
+        }
+        Command::Compare { methods, python, script, shape, out } => {
+            shape.options()?;
+            let backend: BackendKind = shape.backend.parse()?;
+            anyhow::ensure!(matches!(backend, BackendKind::Cpu | BackendKind::Ndarray), "compare measures CPU memory and time against PyTorch on the CPU: use --backend cpu or ndarray");
+            anyhow::ensure!(script.is_file(), "{}: the PyTorch reference script is missing", script.display());
+            let threads = std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            let exe = std::env::current_exe()?;
+            let mut rows = Vec::new();
+            for method in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+                anyhow::ensure!(vqt_bench::bench::METHODS.contains(&method), "unknown method `{method}` (known: {})", vqt_bench::bench::METHODS.join(", "));
+                eprintln!("measuring {method} (vqt-rs) ...");
+                let child = std::process::Command::new(&exe).args(["step", "--method", method]).args(shape.args()).output()?;
+                anyhow::ensure!(child.status.success(), "{method}: child failed: {}", String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output"));
+                let ours: vqt_bench::bench::StepReport =
+                    serde_json::from_str(String::from_utf8_lossy(&child.stdout).trim()).with_context(|| format!("{method}: bad child output"))?;
+                let counterparts = vqt_bench::compare::torch_counterparts(method);
+                if counterparts.is_empty() {
+                    rows.push(vqt_bench::compare::CompareRow { ours, torch: None });
+                    continue;
+                }
+                for t in counterparts {
+                    eprintln!("measuring {t} (PyTorch) ...");
+                    let child = std::process::Command::new(&python)
+                        .arg(&script)
+                        .args(["--method", t, "--preset", &shape.preset, "--img-size", &shape.img_size.to_string(), "--batch", &shape.batch.to_string()])
+                        .args(["--classes", &shape.classes.to_string(), "--warmup", &shape.warmup.to_string(), "--steps", &shape.steps.to_string()])
+                        .args(["--threads", &threads.to_string()])
+                        .output()
+                        .with_context(|| format!("{python}: cannot run the PyTorch reference"))?;
+                    anyhow::ensure!(
+                        child.status.success(),
+                        "{} --method {t}: {}",
+                        script.display(),
+                        String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output")
+                    );
+                    let torch: vqt_bench::compare::TorchReport = serde_json::from_str(String::from_utf8_lossy(&child.stdout).trim().lines().last().unwrap_or(""))
+                        .with_context(|| format!("{} --method {t}: bad output", script.display()))?;
+                    rows.push(vqt_bench::compare::CompareRow { ours: ours.clone(), torch: Some(torch) });
+                }
+            }
+            let md = vqt_bench::compare::markdown(&rows);
+            write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&rows)?)?;
             write_atomic(&out.with_extension("md"), &md)?;
             print!("{md}");
             Ok(())

@@ -130,3 +130,52 @@ fn report_aggregates_runs_per_method_over_seeds() {
     assert_eq!(e.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&e.stderr).contains("/nope/runs: no such file or directory"));
 }
+
+#[test]
+fn compare_interleaves_ours_and_the_reference_and_reports_ratios() {
+    // A stand-in for tools/torch_bench.py (CI has no torch): a shell script that answers the
+    // script's protocol, one JSON line for the method it is asked about, and logs the order.
+    let d = tmpdir("compare");
+    let log = d.join("order.log");
+    let fake = d.join("fake_torch.sh");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nm=$2\necho \"torch $m\" >> {log}\necho '{{\"method\": \"'$m'\", \"framework\": \"fake\", \"trainable_params\": 1, \"total_params\": 2, \
+             \"step_ms_median\": 1000.0, \"train_images_per_s\": 2.0, \"rss_train_bytes\": 1073741824}}'\n",
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    let out_prefix = d.join("cmp");
+    let o = bench()
+        .args(["compare", "--methods", "linear,vqt,synqt", "--python", "sh", "--script"])
+        .arg(&fake)
+        .args(["--preset", "vit-ti16", "--img-size", "32", "--batch", "2", "--steps", "1", "--out"])
+        .arg(&out_prefix)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "torch linear\ntorch vqt-official\ntorch vqt-trunk\n");
+    let md = std::fs::read_to_string(out_prefix.with_extension("md")).unwrap();
+    assert!(md.contains("| linear | linear |") && md.contains("| vqt | vqt-official |") && md.contains("| vqt | vqt-trunk |"), "{md}");
+    assert!(md.contains("| synqt | (none) |") && md.contains("official-style VQT: 0.0"), "{md}");
+    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_prefix.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 4);
+
+    // A reference that fails, or a missing script: one line naming it.
+    let e = bench().args(["compare", "--methods", "linear", "--python", "sh", "--script"]).arg(d.join("missing.py")).output().unwrap();
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(e.status.code() == Some(2) && err.contains("missing.py: the PyTorch reference script is missing") && err.trim().lines().count() == 1, "{err}");
+    std::fs::write(&fake, "#!/bin/sh\necho 'ModuleNotFoundError: No module named torch' >&2\nexit 1\n").unwrap();
+    let e = bench()
+        .args(["compare", "--methods", "linear", "--python", "sh", "--script"])
+        .arg(&fake)
+        .args(["--preset", "vit-ti16", "--img-size", "32", "--batch", "2", "--steps", "1", "--out"])
+        .arg(&out_prefix)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&e.stderr);
+    let last = err.trim().lines().last().unwrap_or("");
+    assert!(e.status.code() == Some(2) && last.contains("--method linear: ModuleNotFoundError: No module named torch"), "{err}");
+}

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""PyTorch reference for `vqt-bench compare`: one method's training step on a timm ViT (CPU).
+
+Prints one JSON line with the fields `vqt-bench step` prints (median step time, images/s, peak
+resident memory above the baseline, trainable/total parameters), so the two can be compared
+method by method in one invocation. Optional tool: needs torch + timm (pip), never CI.
+
+    python tools/torch_bench.py --method vqt-official --preset vit-s14-dinov2 --img-size 112 \
+        --batch 32 --warmup 1 --steps 3 --threads 2
+
+Methods, at the settings `vqt-bench` uses (random weights; timing and memory do not depend on
+them): linear (frozen trunk under no_grad, head on the final class token), full-ft, lora (r = 8
+on q and v of the fused qkv), adaptformer (bottleneck 8, scale 0.1, beside every MLP), vpt-deep
+(10 prompts per layer), vqt-official (VQT as the official code runs it: one learnable query per
+layer concatenated with the tokens and masked out of the keys, so autograd keeps the whole
+backbone graph), vqt-trunk (VQT the way vqt-rs runs it: the trunk under no_grad hands each
+layer's input to the queries, which alone are on the tape). Every step is forward, backward and
+an AdamW update of the trainable tensors. SynQT is not included: its reference is the official
+source file (tools/gen_synqt_fixture.py reads it), not something this script can construct.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRESETS = {
+    "vit-ti16": "vit_tiny_patch16_224",
+    "vit-s16": "vit_small_patch16_224",
+    "vit-b16": "vit_base_patch16_224",
+    "vit-l16": "vit_large_patch16_224",
+    "vit-h14": "vit_huge_patch14_224",
+    "vit-s14-dinov2": "vit_small_patch14_dinov2",
+}
+METHODS = ["linear", "full-ft", "lora", "adaptformer", "vpt-deep", "vqt-official", "vqt-trunk"]
+
+
+def status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.split(":")[0] == field:
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def attention(blk, h, lora=None, key_mask=None):
+    """timm attention on h (already normed), optionally with LoRA on q/v and masked keys."""
+    b, t, d = h.shape
+    heads = blk.attn.num_heads
+    qkv = blk.attn.qkv(h)
+    q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+    if lora is not None:
+        q = q + (h @ lora["qa"]) @ lora["qb"]
+        v = v + (h @ lora["va"]) @ lora["vb"]
+    split = lambda z: z.reshape(b, t, heads, d // heads).transpose(1, 2)
+    o = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=key_mask)
+    return blk.attn.proj(o.transpose(1, 2).reshape(b, t, d))
+
+
+def block(blk, x, lora=None, af=None, key_mask=None):
+    x = x + blk.ls1(attention(blk, blk.norm1(x), lora, key_mask))
+    adapt = 0.0 if af is None else 0.1 * af(x)
+    return x + blk.ls2(blk.mlp(blk.norm2(x))) + adapt
+
+
+class Head(nn.Module):
+    def __init__(self, d, c):
+        super().__init__()
+        self.fc = nn.Linear(d, c)
+
+    def forward(self, feats):
+        return self.fc(feats)
+
+
+def build(method, vit, d, depth, classes):
+    """Returns (trainable modules, forward(x) -> logits)."""
+    for p in vit.parameters():
+        p.requires_grad_(method == "full-ft")
+    extra = nn.ModuleDict()
+    if method in ("linear", "full-ft", "lora", "adaptformer", "vpt-deep"):
+        extra["head"] = Head(d, classes)
+    if method == "lora":
+        r = 8
+        extra["lora"] = nn.ParameterList()
+        loras = []
+        for _ in range(depth):
+            ps = {"qa": nn.Parameter(torch.randn(d, r) * 0.02), "qb": nn.Parameter(torch.zeros(r, d)),
+                  "va": nn.Parameter(torch.randn(d, r) * 0.02), "vb": nn.Parameter(torch.zeros(r, d))}
+            extra["lora"].extend(ps.values())
+            loras.append(ps)
+    if method == "adaptformer":
+        extra["af"] = nn.ModuleList(nn.Sequential(nn.Linear(d, 8), nn.ReLU(), nn.Linear(8, d)) for _ in range(depth))
+    if method == "vpt-deep":
+        extra["prompts"] = nn.ParameterList(nn.Parameter(torch.randn(1, 10, d) * 0.02) for _ in range(depth))
+    if method.startswith("vqt"):
+        extra["queries"] = nn.ParameterList(nn.Parameter(torch.randn(1, 1, d) * 0.02) for _ in range(depth))
+        extra["head"] = Head(d * (depth + 1), classes)
+
+    def embed(x):
+        return vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+
+    def forward(x):
+        if method == "linear":
+            with torch.no_grad():
+                cls = vit.forward_features(x)[:, 0]
+            return extra["head"](cls)
+        z = embed(x)
+        if method == "full-ft":
+            for blk in vit.blocks:
+                z = blk(z)
+            return extra["head"](vit.norm(z)[:, 0])
+        if method in ("lora", "adaptformer"):
+            for i, blk in enumerate(vit.blocks):
+                z = block(blk, z, lora=loras[i] if method == "lora" else None, af=extra["af"][i] if method == "adaptformer" else None)
+            return extra["head"](vit.norm(z)[:, 0])
+        if method == "vpt-deep":
+            n = z.shape[1]
+            for i, blk in enumerate(vit.blocks):
+                p = extra["prompts"][i].expand(z.shape[0], -1, -1)
+                z = blk(torch.cat([z[:, :1], p, z[:, 1:n]], 1) if i == 0 else torch.cat([z[:, :1], p, z[:, 11:]], 1))
+            return extra["head"](vit.norm(z)[:, 0])
+        b, n = z.shape[0], z.shape[1]
+        outs = []
+        if method == "vqt-official":
+            # [tokens ; query]: the query is not a key (masked), so tokens are unchanged, but the
+            # whole sequence, tokens included, is on the tape.
+            mask = torch.zeros(n + 1, n + 1)
+            mask[:, n:] = float("-inf")
+            for i, blk in enumerate(vit.blocks):
+                y = block(blk, torch.cat([z, extra["queries"][i].expand(b, -1, -1)], 1), key_mask=mask)
+                z, q_out = y[:, :n], y[:, n:]
+                outs.append(q_out[:, 0])
+            cls = vit.norm(z)[:, 0]
+        else:  # vqt-trunk: trunk without autograd; queries read each layer's keys/values
+            with torch.no_grad():
+                layer_inputs = []
+                for blk in vit.blocks:
+                    layer_inputs.append(z)
+                    z = blk(z)
+                cls = vit.norm(z)[:, 0]
+            for i, blk in enumerate(vit.blocks):
+                heads, dh = blk.attn.num_heads, d // blk.attn.num_heads
+                with torch.no_grad():
+                    kv = blk.attn.qkv(blk.norm1(layer_inputs[i]))[..., d:]
+                    k = kv[..., :d].reshape(b, n, heads, dh).transpose(1, 2)
+                    v = kv[..., d:].reshape(b, n, heads, dh).transpose(1, 2)
+                qry = extra["queries"][i].expand(b, -1, -1)
+                hq = blk.norm1(qry)
+                qq = F.linear(hq, blk.attn.qkv.weight[:d], blk.attn.qkv.bias[:d] if blk.attn.qkv.bias is not None else None)
+                o = F.scaled_dot_product_attention(qq.reshape(b, 1, heads, dh).transpose(1, 2), k, v)
+                y = qry + blk.ls1(blk.attn.proj(o.transpose(1, 2).reshape(b, 1, d)))
+                y = y + blk.ls2(blk.mlp(blk.norm2(y)))
+                outs.append(y[:, 0])
+        feats = torch.cat([F.normalize(f, dim=-1) for f in [cls] + outs], -1)
+        return extra["head"](feats)
+
+    return extra, forward
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", required=True, choices=METHODS)
+    ap.add_argument("--preset", default="vit-s14-dinov2", choices=sorted(PRESETS))
+    ap.add_argument("--img-size", type=int, default=112)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count())))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    vit = timm.create_model(PRESETS[a.preset], pretrained=False, img_size=a.img_size, num_classes=0).eval()
+    d, depth = vit.embed_dim, len(vit.blocks)
+    extra, forward = build(a.method, vit, d, depth, a.classes)
+    params = [p for p in list(vit.parameters()) + list(extra.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    images = [torch.randn(a.batch, 3, a.img_size, a.img_size) for _ in range(a.warmup + a.steps)]
+    targets = torch.arange(a.batch) % a.classes
+    baseline = status_bytes("VmRSS")
+    times = []
+    for i, x in enumerate(images):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(forward(x), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= a.warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    text = open("/proc/self/status").read()
+    peak = next(int(l.split()[1]) * 1024 for l in text.splitlines() if l.startswith("VmHWM:"))
+    step_ms = statistics.median(times)
+    print(json.dumps({
+        "method": a.method,
+        "framework": f"torch {torch.__version__}, timm {timm.__version__}, {a.threads} threads",
+        "backbone": a.preset,
+        "img_size": a.img_size,
+        "batch": a.batch,
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in list(vit.parameters()) + list(extra.parameters())),
+        "step_ms_median": step_ms,
+        "train_images_per_s": a.batch / (step_ms / 1e3),
+        "rss_baseline_bytes": baseline,
+        "rss_peak_bytes": peak,
+        "rss_train_bytes": max(peak - baseline, 0),
+    }))
+
+
+if __name__ == "__main__":
+    main()
