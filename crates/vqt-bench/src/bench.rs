@@ -96,6 +96,13 @@ pub struct StepReport {
     pub cache_bytes: Option<usize>,
     /// 1-minute load average at the end (timings on a shared machine swing with load).
     pub load_avg: Option<f64>,
+    /// Median inference time of one batch of images (ms; the trained model without autodiff,
+    /// timed after the training peak was read; the cached VQT row infers from images too).
+    #[serde(default)]
+    pub infer_ms_median: Option<f64>,
+    /// Inference images per second at that median.
+    #[serde(default)]
+    pub infer_images_per_s: Option<f64>,
 }
 
 fn load_avg() -> Option<f64> {
@@ -191,6 +198,12 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         cache_build_ms = None;
         cache_ratio = None;
         cache_bytes = None;
+        let peak = proc_status_bytes("VmHWM");
+        let eval = vit.valid();
+        let infer = time_batches(&images, o.warmup, &plain, |x| {
+            let _ = eval.forward(x.clone());
+        })?;
+        return Ok(report(method, o, img, b, trainable, total, median(times), baseline, peak, device_peak, (cache_build_ms, cache_ratio, cache_images, cache_bytes), infer));
     } else {
         let vit = o.vit.clone().init(&plain);
         let (d, depth, p) = (vit.embed_dim(), vit.depth(), o.vit.patch_size);
@@ -240,10 +253,46 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         cache_bytes = cache.as_ref().map(|(c, _)| c.bytes());
         // One epoch = one step per cached batch, at the median step time.
         cache_ratio = cache.as_ref().map(|(_, build)| 100.0 * median(times.clone()) * images.len() as f64 / build);
+        let peak = proc_status_bytes("VmHWM");
+        let eval = model.valid();
+        let infer = time_batches(&images, o.warmup, &plain, |x| {
+            let _ = eval.forward(TrunkInput::Images(x.clone()));
+        })?;
+        Ok(report(method, o, img, b, trainable, total, median(times), baseline, peak, device_peak, (cache_build_ms, cache_ratio, cache_images, cache_bytes), infer))
     }
-    let step_ms = median(times);
-    let peak = proc_status_bytes("VmHWM");
-    Ok(StepReport {
+}
+
+/// Median time (ms) of `f` over the batches after `warmup`.
+fn time_batches(images: &[Tensor<4>], warmup: usize, plain: &Device, f: impl Fn(&Tensor<4>)) -> Result<f64, String> {
+    let mut times = Vec::new();
+    for (i, x) in images.iter().enumerate() {
+        let t0 = Instant::now();
+        f(x);
+        plain.sync().map_err(|e| e.to_string())?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(median(times))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    method: &str,
+    o: &StepOptions,
+    img: usize,
+    b: usize,
+    trainable: usize,
+    total: usize,
+    step_ms: f64,
+    baseline: Option<u64>,
+    peak: Option<u64>,
+    device_peak: Option<u64>,
+    cache: (Option<f64>, Option<f64>, Option<usize>, Option<usize>),
+    infer_ms: f64,
+) -> StepReport {
+    let (cache_build_ms, cache_ratio, cache_images, cache_bytes) = cache;
+    StepReport {
         method: method.into(),
         backend: o.backend.clone(),
         backbone: o.backbone.clone(),
@@ -266,7 +315,9 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         cache_images,
         cache_bytes,
         load_avg: load_avg(),
-    })
+        infer_ms_median: Some(infer_ms),
+        infer_images_per_s: Some(b as f64 / (infer_ms / 1e3)),
+    }
 }
 
 fn mib(b: Option<u64>) -> String {
@@ -288,7 +339,7 @@ pub fn markdown(reports: &[StepReport]) -> String {
             if r.device_peak_bytes.is_some() { "device pool peak" } else { "process peak RSS (VmHWM) minus RSS after model build, glibc malloc" }
         );
     }
-    s += "| method | trainable params | step ms | img/s | train memory MiB | memory / full FT | time / full FT |\n|---|---:|---:|---:|---:|---:|---:|\n";
+    s += "| method | trainable params | step ms | train img/s | infer img/s | train memory MiB | memory / full FT | time / full FT |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
     for r in reports {
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
@@ -297,11 +348,12 @@ pub fn markdown(reports: &[StepReport]) -> String {
         let mem_ratio = ratio(mem(r).map(|x| x as f64), full.and_then(|f| mem(f)).map(|x| x as f64));
         let time_ratio = ratio(Some(r.step_ms_median), full.map(|f| f.step_ms_median));
         s += &format!(
-            "| {} | {} | {:.1} | {:.1} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {:.1} | {} | {} | {} | {} |\n",
             r.method,
             r.trainable_params,
             r.step_ms_median,
             r.train_images_per_s,
+            r.infer_images_per_s.map(|x| format!("{x:.1}")).unwrap_or_else(|| "–".into()),
             mib(mem(r)),
             mem_ratio,
             time_ratio

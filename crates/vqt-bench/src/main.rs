@@ -29,8 +29,10 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Measure peak memory and step time of training methods, each in its own child process;
+    /// Measure peak memory, training step time and inference throughput of methods, each in its
+    /// own child process (alias `speed`);
     /// writes `<out>.json` and `<out>.md` (ratios to full fine-tuning).
+    #[command(visible_alias = "speed")]
     Memory {
         /// Comma-separated methods: linear, vqt, synqt, vqt-cached, full-ft, lora, adaptformer,
         /// vpt-deep, bitfit, ssf, houlsby, pfeiffer, vqt-adaptformer.
@@ -263,9 +265,12 @@ fn run() -> Result<()> {
             shape.options()?; // validate before spawning anything
             let _: BackendKind = shape.backend.parse()?;
             let exe = std::env::current_exe()?;
+            let methods: Vec<&str> = methods.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+            if let Some(m) = methods.iter().find(|m| !vqt_bench::bench::METHODS.contains(m)) {
+                anyhow::bail!("unknown method `{m}` (known: {})", vqt_bench::bench::METHODS.join(", "));
+            }
             let mut reports = Vec::new();
-            for method in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-                anyhow::ensure!(vqt_bench::bench::METHODS.contains(&method), "unknown method `{method}` (known: {})", vqt_bench::bench::METHODS.join(", "));
+            for method in methods {
                 eprintln!("measuring {method} ...");
                 let child = std::process::Command::new(&exe).args(["step", "--method", method]).args(shape.args()).output()?;
                 anyhow::ensure!(

@@ -179,3 +179,29 @@ fn compare_interleaves_ours_and_the_reference_and_reports_ratios() {
     let last = err.trim().lines().last().unwrap_or("");
     assert!(e.status.code() == Some(2) && last.contains("--method linear: ModuleNotFoundError: No module named torch"), "{err}");
 }
+
+#[test]
+fn speed_measures_training_and_inference_per_method_in_child_processes() {
+    let d = tmpdir("speed");
+    let prefix = d.join("speed");
+    let o = bench()
+        .args(["speed", "--methods", "linear,vqt,lora", "--preset", "vit-ti16", "--img-size", "32", "--batch", "2", "--steps", "1", "--out"])
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json")).unwrap()).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        for key in ["step_ms_median", "train_images_per_s", "infer_images_per_s"] {
+            assert!(r[key].as_f64().unwrap() > 0.0, "{key} of {r}");
+        }
+        assert!(r["trainable_params"].as_u64().unwrap() < r["total_params"].as_u64().unwrap());
+    }
+    let md = std::fs::read_to_string(prefix.with_extension("md")).unwrap();
+    assert!(md.contains("| infer img/s |") && md.contains("| lora |"), "{md}");
+    let e = bench().args(["speed", "--methods", "linear,dora", "--out"]).arg(&prefix).output().unwrap();
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(e.status.code() == Some(2) && err.contains("unknown method `dora`"), "{err}");
+}
