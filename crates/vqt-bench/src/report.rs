@@ -139,13 +139,12 @@ pub fn markdown(rows: &[MethodRow], title: Option<&str>) -> String {
     s += "|---|---|---|---:|---:|---:|---:|---:|\n";
     for r in rows {
         s += &format!(
-            "| {} | {} | {} ({}) | {:.2} ± {:.2} | {:.2} | {} | {} | {:.1} |\n",
+            "| {} | {} | {} ({}) | {} | {:.2} | {} | {} | {:.1} |\n",
             r.method,
             r.path.as_deref().unwrap_or("–"),
             r.runs,
             r.seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
-            r.test_mean,
-            r.test_std,
+            if r.runs > 1 { format!("{:.2} ± {:.2}", r.test_mean, r.test_std) } else { format!("{:.2} (one seed, no std)", r.test_mean) },
             r.val_mean,
             r.trainable_params,
             r.peak_rss_mib.map(|m| format!("{m:.0}")).unwrap_or_else(|| "–".into()),
