@@ -15,8 +15,11 @@ on q and v of the fused qkv), adaptformer (bottleneck 8, scale 0.1, beside every
 layer concatenated with the tokens and masked out of the keys, so autograd keeps the whole
 backbone graph), vqt-trunk (VQT the way vqt-rs runs it: the trunk under no_grad hands each
 layer's input to the queries, which alone are on the tape). Every step is forward, backward and
-an AdamW update of the trainable tensors. SynQT is not included: its reference is the official
-source file (tools/gen_synqt_fixture.py reads it), not something this script can construct.
+an AdamW update of the trainable tensors. synqt runs the *official* SynQT code
+(taolinzhang/SynQT `synqt.py`, not committed: pass its path with --synqt-py) with T = 1 and
+s = xi = zeta = 0.1, its ViT-B constants replaced by this backbone's width and depth as
+tools/gen_synqt_fixture.py does; like the official code it runs its own block forward (no
+LayerScale).
 """
 import argparse
 import json
@@ -37,7 +40,26 @@ PRESETS = {
     "vit-h14": "vit_huge_patch14_224",
     "vit-s14-dinov2": "vit_small_patch14_dinov2",
 }
-METHODS = ["linear", "full-ft", "lora", "adaptformer", "vpt-deep", "vqt-official", "vqt-trunk"]
+METHODS = ["linear", "full-ft", "lora", "adaptformer", "vpt-deep", "vqt-official", "vqt-trunk", "synqt"]
+
+
+def official_synqt(path, vit, d, depth):
+    """The official SynQT module with its ViT-B/16 constants set to this backbone's."""
+    import re
+    import types
+
+    src = open(path).read().replace("from IPython import embed\n", "").replace("torch.ones(bs, 1).cuda()", "torch.ones(bs, 1)")
+    src = re.sub(r"\b768\b", str(d), src)
+    src = re.sub(r"\b12\b", str(depth), src)
+    src = re.sub(r"\b37\b", str(1 + 3 * depth), src)
+    mod = types.ModuleType("synqt_official")
+    exec(compile(src, path, "exec"), mod.__dict__)
+    vit.dist_token, vit.head_dist, vit.pre_logits = None, None, nn.Identity()
+    for blk in vit.blocks:
+        blk.drop_path = nn.Identity()
+    args = types.SimpleNamespace(token_nums=1, feat_scale=0.1, attn_scale=0.1, ffn_scale=0.1)
+    mod.set_synqt(args, vit)
+    return vit
 
 
 def status_bytes(field):
@@ -171,13 +193,24 @@ def main():
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--synqt-py", help="path of the official SynQT synqt.py (method synqt)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count())))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    vit = timm.create_model(PRESETS[a.preset], pretrained=False, img_size=a.img_size, num_classes=0).eval()
-    d, depth = vit.embed_dim, len(vit.blocks)
-    extra, forward = build(a.method, vit, d, depth, a.classes)
+    if a.method == "synqt":
+        if not a.synqt_py:
+            ap.error("--method synqt needs --synqt-py PATH (the official SynQT synqt.py)")
+        vit = timm.create_model(PRESETS[a.preset], pretrained=False, img_size=a.img_size, num_classes=a.classes).eval()
+        d, depth = vit.embed_dim, len(vit.blocks)
+        vit = official_synqt(a.synqt_py, vit, d, depth)
+        for n, p in vit.named_parameters():
+            p.requires_grad_(n.startswith("synqt.") or n.startswith("head."))
+        extra, forward = nn.ModuleDict(), vit
+    else:
+        vit = timm.create_model(PRESETS[a.preset], pretrained=False, img_size=a.img_size, num_classes=0).eval()
+        d, depth = vit.embed_dim, len(vit.blocks)
+        extra, forward = build(a.method, vit, d, depth, a.classes)
     params = [p for p in list(vit.parameters()) + list(extra.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     images = [torch.randn(a.batch, 3, a.img_size, a.img_size) for _ in range(a.warmup + a.steps)]

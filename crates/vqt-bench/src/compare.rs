@@ -25,9 +25,11 @@ pub struct TorchReport {
 }
 
 /// The PyTorch methods that a vqt-rs method is compared with. VQT has two: the official code's
-/// form (queries concatenated with the tokens: the target) and the trunk form.
-pub fn torch_counterparts(method: &str) -> Vec<&'static str> {
+/// form (queries concatenated with the tokens: the target) and the trunk form. SynQT has the
+/// official SynQT code when its source file is at hand (`official_synqt`).
+pub fn torch_counterparts(method: &str, official_synqt: bool) -> Vec<&'static str> {
     match method {
+        "synqt" if official_synqt => vec!["synqt"],
         "linear" => vec!["linear"],
         "full-ft" => vec!["full-ft"],
         "lora" => vec!["lora"],
@@ -161,7 +163,8 @@ mod tests {
         assert!(md.contains("≤ 0.3×: 0.50 (NOT met)"), "{md}");
         assert!(md.contains("Full fine-tuning step time ≤ 1.2× PyTorch's: 1.30 (NOT met)"), "{md}");
         assert!(md.contains("| synqt | (none) |"), "{md}");
-        assert_eq!(torch_counterparts("vqt"), ["vqt-official", "vqt-trunk"]);
-        assert!(torch_counterparts("synqt").is_empty());
+        assert_eq!(torch_counterparts("vqt", false), ["vqt-official", "vqt-trunk"]);
+        assert!(torch_counterparts("synqt", false).is_empty());
+        assert_eq!(torch_counterparts("synqt", true), ["synqt"]);
     }
 }

@@ -72,6 +72,10 @@ enum Command {
         /// The reference script.
         #[arg(long, default_value = "tools/torch_bench.py")]
         script: PathBuf,
+        /// The official SynQT `synqt.py` (taolinzhang/SynQT; not committed): with it, synqt is
+        /// compared with the official code; without it, synqt has no PyTorch row.
+        #[arg(long)]
+        synqt_py: Option<PathBuf>,
         #[command(flatten)]
         shape: Shape,
         /// Output path prefix.
@@ -205,11 +209,14 @@ fn run() -> Result<()> {
             print!("{md}");
             Ok(())
         }
-        Command::Compare { methods, python, script, shape, out } => {
+        Command::Compare { methods, python, script, synqt_py, shape, out } => {
             shape.options()?;
             let backend: BackendKind = shape.backend.parse()?;
             anyhow::ensure!(matches!(backend, BackendKind::Cpu | BackendKind::Ndarray), "compare measures CPU memory and time against PyTorch on the CPU: use --backend cpu or ndarray");
             anyhow::ensure!(script.is_file(), "{}: the PyTorch reference script is missing", script.display());
+            if let Some(p) = &synqt_py {
+                anyhow::ensure!(p.is_file(), "{}: the official SynQT source is missing (--synqt-py)", p.display());
+            }
             let threads = std::env::var("RAYON_NUM_THREADS")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -223,7 +230,7 @@ fn run() -> Result<()> {
                 anyhow::ensure!(child.status.success(), "{method}: child failed: {}", String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output"));
                 let ours: vqt_bench::bench::StepReport =
                     serde_json::from_str(String::from_utf8_lossy(&child.stdout).trim()).with_context(|| format!("{method}: bad child output"))?;
-                let counterparts = vqt_bench::compare::torch_counterparts(method);
+                let counterparts = vqt_bench::compare::torch_counterparts(method, synqt_py.is_some());
                 if counterparts.is_empty() {
                     rows.push(vqt_bench::compare::CompareRow { ours, torch: None });
                     continue;
@@ -235,6 +242,7 @@ fn run() -> Result<()> {
                         .args(["--method", t, "--preset", &shape.preset, "--img-size", &shape.img_size.to_string(), "--batch", &shape.batch.to_string()])
                         .args(["--classes", &shape.classes.to_string(), "--warmup", &shape.warmup.to_string(), "--steps", &shape.steps.to_string()])
                         .args(["--threads", &threads.to_string()])
+                        .args(synqt_py.iter().flat_map(|p| [std::ffi::OsString::from("--synqt-py"), p.clone().into_os_string()]))
                         .output()
                         .with_context(|| format!("{python}: cannot run the PyTorch reference"))?;
                     anyhow::ensure!(
