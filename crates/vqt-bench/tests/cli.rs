@@ -163,6 +163,24 @@ fn compare_interleaves_ours_and_the_reference_and_reports_ratios() {
     let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_prefix.with_extension("json")).unwrap()).unwrap();
     assert_eq!(rows.as_array().unwrap().len(), 4);
 
+    // With the official SynQT source, synqt gets its PyTorch row and the script gets the path.
+    let synqt_py = d.join("synqt.py");
+    std::fs::write(&synqt_py, "# stand-in\n").unwrap();
+    let o = bench()
+        .args(["compare", "--methods", "synqt", "--python", "sh", "--script"])
+        .arg(&fake)
+        .arg("--synqt-py")
+        .arg(&synqt_py)
+        .args(["--preset", "vit-ti16", "--img-size", "32", "--batch", "2", "--steps", "1", "--out"])
+        .arg(&out_prefix)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read_to_string(&log).unwrap().ends_with("torch synqt\n"));
+    assert!(std::fs::read_to_string(out_prefix.with_extension("md")).unwrap().contains("| synqt | synqt |"));
+    let e = bench().args(["compare", "--methods", "synqt", "--python", "sh", "--script"]).arg(&fake).args(["--synqt-py", "/nope/synqt.py"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&e.stderr).contains("/nope/synqt.py: the official SynQT source is missing"));
+
     // A reference that fails, or a missing script: one line naming it.
     let e = bench().args(["compare", "--methods", "linear", "--python", "sh", "--script"]).arg(d.join("missing.py")).output().unwrap();
     let err = String::from_utf8_lossy(&e.stderr);
