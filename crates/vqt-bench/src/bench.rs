@@ -174,7 +174,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         }
     };
     let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(1e-2).init();
-    let (trainable, total, baseline, cache_build_ms, cache_ratio, cache_bytes);
+    let (trainable, total, baseline, cache_build_ms, cache_ratio, cache_bytes, peak, infer_ms);
     let cache_images = (method == "vqt-cached").then_some(b * images.len());
     if method == "full-ft" {
         let mut vit = o.vit.clone().with_num_classes(c).init(&ad);
@@ -198,12 +198,11 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         cache_build_ms = None;
         cache_ratio = None;
         cache_bytes = None;
-        let peak = proc_status_bytes("VmHWM");
+        peak = proc_status_bytes("VmHWM");
         let eval = vit.valid();
-        let infer = time_batches(&images, o.warmup, &plain, |x| {
+        infer_ms = time_batches(&images, o.warmup, &plain, |x| {
             let _ = eval.forward(x.clone());
         })?;
-        return Ok(report(method, o, img, b, trainable, total, median(times), baseline, peak, device_peak, (cache_build_ms, cache_ratio, cache_images, cache_bytes), infer));
     } else {
         let vit = o.vit.clone().init(&plain);
         let (d, depth, p) = (vit.embed_dim(), vit.depth(), o.vit.patch_size);
@@ -253,46 +252,14 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         cache_bytes = cache.as_ref().map(|(c, _)| c.bytes());
         // One epoch = one step per cached batch, at the median step time.
         cache_ratio = cache.as_ref().map(|(_, build)| 100.0 * median(times.clone()) * images.len() as f64 / build);
-        let peak = proc_status_bytes("VmHWM");
+        peak = proc_status_bytes("VmHWM");
         let eval = model.valid();
-        let infer = time_batches(&images, o.warmup, &plain, |x| {
+        infer_ms = time_batches(&images, o.warmup, &plain, |x| {
             let _ = eval.forward(TrunkInput::Images(x.clone()));
         })?;
-        Ok(report(method, o, img, b, trainable, total, median(times), baseline, peak, device_peak, (cache_build_ms, cache_ratio, cache_images, cache_bytes), infer))
     }
-}
-
-/// Median time (ms) of `f` over the batches after `warmup`.
-fn time_batches(images: &[Tensor<4>], warmup: usize, plain: &Device, f: impl Fn(&Tensor<4>)) -> Result<f64, String> {
-    let mut times = Vec::new();
-    for (i, x) in images.iter().enumerate() {
-        let t0 = Instant::now();
-        f(x);
-        plain.sync().map_err(|e| e.to_string())?;
-        if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    Ok(median(times))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn report(
-    method: &str,
-    o: &StepOptions,
-    img: usize,
-    b: usize,
-    trainable: usize,
-    total: usize,
-    step_ms: f64,
-    baseline: Option<u64>,
-    peak: Option<u64>,
-    device_peak: Option<u64>,
-    cache: (Option<f64>, Option<f64>, Option<usize>, Option<usize>),
-    infer_ms: f64,
-) -> StepReport {
-    let (cache_build_ms, cache_ratio, cache_images, cache_bytes) = cache;
-    StepReport {
+    let step_ms = median(times);
+    Ok(StepReport {
         method: method.into(),
         backend: o.backend.clone(),
         backbone: o.backbone.clone(),
@@ -317,7 +284,21 @@ fn report(
         load_avg: load_avg(),
         infer_ms_median: Some(infer_ms),
         infer_images_per_s: Some(b as f64 / (infer_ms / 1e3)),
+    })
+}
+
+/// Median time (ms) of `f` over the batches after `warmup`.
+fn time_batches(images: &[Tensor<4>], warmup: usize, plain: &Device, f: impl Fn(&Tensor<4>)) -> Result<f64, String> {
+    let mut times = Vec::new();
+    for (i, x) in images.iter().enumerate() {
+        let t0 = Instant::now();
+        f(x);
+        plain.sync().map_err(|e| e.to_string())?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
     }
+    Ok(median(times))
 }
 
 fn mib(b: Option<u64>) -> String {

@@ -169,6 +169,22 @@ fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
     vqt_core::fs::write_atomic(path, text.as_bytes()).with_context(|| path.display().to_string())
 }
 
+/// The comma-separated `--methods`, each checked against the known methods before anything runs.
+fn method_list(methods: &str) -> Result<Vec<&str>> {
+    let list: Vec<&str> = methods.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+    if let Some(m) = list.iter().find(|m| !vqt_bench::bench::METHODS.contains(m)) {
+        anyhow::bail!("unknown method `{m}` (known: {})", vqt_bench::bench::METHODS.join(", "));
+    }
+    Ok(list)
+}
+
+/// One method measured by `vqt-bench step` in a child process (so peaks never mix).
+fn step_in_child(method: &str, shape: &Shape) -> Result<vqt_bench::bench::StepReport> {
+    let child = std::process::Command::new(std::env::current_exe()?).args(["step", "--method", method]).args(shape.args()).output()?;
+    anyhow::ensure!(child.status.success(), "{method}: child failed: {}", String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output"));
+    serde_json::from_str(String::from_utf8_lossy(&child.stdout).trim()).with_context(|| format!("{method}: bad child output"))
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
@@ -221,15 +237,10 @@ fn run() -> Result<()> {
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-            let exe = std::env::current_exe()?;
             let mut rows = Vec::new();
-            for method in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-                anyhow::ensure!(vqt_bench::bench::METHODS.contains(&method), "unknown method `{method}` (known: {})", vqt_bench::bench::METHODS.join(", "));
+            for method in method_list(&methods)? {
                 eprintln!("measuring {method} (vqt-rs) ...");
-                let child = std::process::Command::new(&exe).args(["step", "--method", method]).args(shape.args()).output()?;
-                anyhow::ensure!(child.status.success(), "{method}: child failed: {}", String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output"));
-                let ours: vqt_bench::bench::StepReport =
-                    serde_json::from_str(String::from_utf8_lossy(&child.stdout).trim()).with_context(|| format!("{method}: bad child output"))?;
+                let ours = step_in_child(method, &shape)?;
                 let counterparts = vqt_bench::compare::torch_counterparts(method, synqt_py.is_some());
                 if counterparts.is_empty() {
                     rows.push(vqt_bench::compare::CompareRow { ours, torch: None });
@@ -272,23 +283,10 @@ fn run() -> Result<()> {
         Command::Memory { methods, shape, out } => {
             shape.options()?; // validate before spawning anything
             let _: BackendKind = shape.backend.parse()?;
-            let exe = std::env::current_exe()?;
-            let methods: Vec<&str> = methods.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
-            if let Some(m) = methods.iter().find(|m| !vqt_bench::bench::METHODS.contains(m)) {
-                anyhow::bail!("unknown method `{m}` (known: {})", vqt_bench::bench::METHODS.join(", "));
-            }
             let mut reports = Vec::new();
-            for method in methods {
+            for method in method_list(&methods)? {
                 eprintln!("measuring {method} ...");
-                let child = std::process::Command::new(&exe).args(["step", "--method", method]).args(shape.args()).output()?;
-                anyhow::ensure!(
-                    child.status.success(),
-                    "{method}: child failed: {}",
-                    String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output")
-                );
-                let line = String::from_utf8_lossy(&child.stdout);
-                let r: vqt_bench::bench::StepReport = serde_json::from_str(line.trim()).with_context(|| format!("{method}: bad child output"))?;
-                reports.push(r);
+                reports.push(step_in_child(method, &shape)?);
             }
             let md = vqt_bench::bench::markdown(&reports);
             write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&reports)?)?;

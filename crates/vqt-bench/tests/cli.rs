@@ -148,13 +148,18 @@ fn compare_interleaves_ours_and_the_reference_and_reports_ratios() {
     )
     .unwrap();
     let out_prefix = d.join("cmp");
-    let o = bench()
-        .args(["compare", "--methods", "linear,vqt,synqt", "--python", "sh", "--script"])
-        .arg(&fake)
-        .args(["--preset", "vit-ti16", "--img-size", "32", "--batch", "2", "--steps", "1", "--out"])
-        .arg(&out_prefix)
-        .output()
-        .unwrap();
+    // `compare` on a tiny shape with the stand-in as the reference script.
+    let compare = |methods: &str, extra: &[&std::ffi::OsStr]| {
+        bench()
+            .args(["compare", "--methods", methods, "--python", "sh", "--script"])
+            .arg(&fake)
+            .args(extra)
+            .args(["--preset", "vit-ti16", "--img-size", "32", "--batch", "2", "--steps", "1", "--out"])
+            .arg(&out_prefix)
+            .output()
+            .unwrap()
+    };
+    let o = compare("linear,vqt,synqt", &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "torch linear\ntorch vqt-official\ntorch vqt-trunk\n");
     let md = std::fs::read_to_string(out_prefix.with_extension("md")).unwrap();
@@ -166,19 +171,11 @@ fn compare_interleaves_ours_and_the_reference_and_reports_ratios() {
     // With the official SynQT source, synqt gets its PyTorch row and the script gets the path.
     let synqt_py = d.join("synqt.py");
     std::fs::write(&synqt_py, "# stand-in\n").unwrap();
-    let o = bench()
-        .args(["compare", "--methods", "synqt", "--python", "sh", "--script"])
-        .arg(&fake)
-        .arg("--synqt-py")
-        .arg(&synqt_py)
-        .args(["--preset", "vit-ti16", "--img-size", "32", "--batch", "2", "--steps", "1", "--out"])
-        .arg(&out_prefix)
-        .output()
-        .unwrap();
+    let o = compare("synqt", &["--synqt-py".as_ref(), synqt_py.as_os_str()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(std::fs::read_to_string(&log).unwrap().ends_with("torch synqt\n"));
     assert!(std::fs::read_to_string(out_prefix.with_extension("md")).unwrap().contains("| synqt | synqt |"));
-    let e = bench().args(["compare", "--methods", "synqt", "--python", "sh", "--script"]).arg(&fake).args(["--synqt-py", "/nope/synqt.py"]).output().unwrap();
+    let e = compare("synqt", &["--synqt-py".as_ref(), "/nope/synqt.py".as_ref()]);
     assert!(String::from_utf8_lossy(&e.stderr).contains("/nope/synqt.py: the official SynQT source is missing"));
 
     // A reference that fails, or a missing script: one line naming it.
@@ -186,13 +183,7 @@ fn compare_interleaves_ours_and_the_reference_and_reports_ratios() {
     let err = String::from_utf8_lossy(&e.stderr);
     assert!(e.status.code() == Some(2) && err.contains("missing.py: the PyTorch reference script is missing") && err.trim().lines().count() == 1, "{err}");
     std::fs::write(&fake, "#!/bin/sh\necho 'ModuleNotFoundError: No module named torch' >&2\nexit 1\n").unwrap();
-    let e = bench()
-        .args(["compare", "--methods", "linear", "--python", "sh", "--script"])
-        .arg(&fake)
-        .args(["--preset", "vit-ti16", "--img-size", "32", "--batch", "2", "--steps", "1", "--out"])
-        .arg(&out_prefix)
-        .output()
-        .unwrap();
+    let e = compare("linear", &[]);
     let err = String::from_utf8_lossy(&e.stderr);
     let last = err.trim().lines().last().unwrap_or("");
     assert!(e.status.code() == Some(2) && last.contains("--method linear: ModuleNotFoundError: No module named torch"), "{err}");
