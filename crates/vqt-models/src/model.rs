@@ -117,6 +117,15 @@ impl TrunkModel {
         Self { backbone, method, noise: TrunkNoise::default(), full_path: true }.train()
     }
 
+    /// The same model with its VQT method replaced by `f(vqt)` (the Head2Toe stages,
+    /// [`Vqt::into_compress_stage`], [`Vqt::into_selected`]); an error for other methods.
+    pub fn map_vqt(self, f: impl FnOnce(Vqt) -> Result<Vqt, String>) -> Result<Self, String> {
+        match self.method {
+            QueryMethod::Vqt(v) => Ok(Self { method: QueryMethod::Vqt(f(v)?), ..self }),
+            other => Err(format!("Head2Toe feature selection needs a VQT model, not {}", other.name())),
+        }
+    }
+
     /// The same model with training-time trunk randomness (faithful mode).
     pub fn with_noise(mut self, noise: TrunkNoise) -> Self {
         self.noise = noise;

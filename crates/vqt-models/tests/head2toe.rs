@@ -70,6 +70,13 @@ fn compress_then_featselect() {
     assert!((0..f).filter(|i| !ids.contains(i)).all(|i| scores[i] <= min_kept));
     assert_eq!(b.penalty().map(|_| ()), None);
     assert!(b.clone().into_featselect_stage(0.5).is_err(), "selection twice");
+    // Evaluation rebuilds stage B from a recorded selection; bad selections are errors.
+    let fresh = || VqtConfig { num_queries: 2, query_dropout: 0.0 }.init(2, 16, 4, 3, &ad);
+    let rebuilt = fresh().into_selected(ids.clone()).unwrap();
+    assert_eq!((rebuilt.selection.as_ref(), rebuilt.head.weight.dims()), (Some(&ids), [ids.len(), 3]));
+    assert!(!rebuilt.queries.is_require_grad());
+    assert!(fresh().into_selected(vec![]).unwrap_err().contains("empty"));
+    assert!(fresh().into_selected(vec![0, f]).unwrap_err().contains(&format!("feature index {f} is out of range")));
     let (_, b_losses) = steps(TrunkModel::new(backbone, QueryMethod::Vqt(b)), &x, &y, 20, 1e-2);
     assert!(b_losses.last() < b_losses.first(), "{b_losses:?}");
 }

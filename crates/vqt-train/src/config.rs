@@ -23,6 +23,36 @@ pub struct ExperimentConfig {
     pub data: DataConfig,
     /// Optimisation.
     pub train: TrainConfig,
+    /// VQT only: Head2Toe-style feature selection after the VQT stage (absent: none).
+    #[serde(default)]
+    pub head2toe: Option<Head2ToeConfig>,
+}
+
+/// VQT's two-stage Head2Toe feature selection (methods.md §3.4), run after the VQT stage from
+/// its trained queries (frozen; query dropout stays active) with the head discarded:
+/// stage A ("compress") trains a fresh head with the group-lasso penalty `lambda·Σ_j ‖W_j‖₂`;
+/// stage B ("featselect") keeps the `int(F·keep)` features with the largest stage-A row norms
+/// and trains a fresh head on them without penalty. Both stages repeat the VQT stage's epochs
+/// and schedule at `lr_scale × train.lr`, same weight decay; the run's accuracies are stage B's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Head2ToeConfig {
+    /// Fraction of the head's input features kept (the VQT demo: 0.7 for its Q = 1 tasks).
+    pub keep: f64,
+    /// Group-lasso weight of stage A (official: 1e-4).
+    #[serde(default = "default_lasso")]
+    pub lambda: f64,
+    /// Both stages' LR relative to `train.lr` (official: 0.5).
+    #[serde(default = "default_lr_scale")]
+    pub lr_scale: f64,
+}
+
+fn default_lasso() -> f64 {
+    1e-4
+}
+
+fn default_lr_scale() -> f64 {
+    0.5
 }
 
 /// Backbone shape, weights and input pipeline.
@@ -363,6 +393,23 @@ impl ExperimentConfig {
             ));
         }
         self.tuners.validate()?;
+        if let Some(h) = &self.head2toe {
+            if !matches!(self.method, MethodConfig::Vqt(_)) {
+                return Err("head2toe: feature selection needs method.kind = \"vqt\"".into());
+            }
+            if !self.tuners.is_empty() {
+                return Err(format!("head2toe: feature selection runs on a frozen backbone, but tuners.{} change it", self.tuners.names().join(", tuners.")));
+            }
+            if !(h.keep > 0.0 && h.keep <= 1.0) {
+                return Err(format!("head2toe.keep {} must be in (0, 1]", h.keep));
+            }
+            if !(h.lambda >= 0.0 && h.lambda.is_finite()) {
+                return Err(format!("head2toe.lambda {} must be a finite value >= 0", h.lambda));
+            }
+            if !(h.lr_scale > 0.0 && t.lr * h.lr_scale <= 1.0) {
+                return Err(format!("head2toe.lr_scale {} must be positive, with head2toe.lr_scale × train.lr in (0, 1]", h.lr_scale));
+            }
+        }
         if matches!(t.cache, CacheMode::Kv | CacheMode::Hidden) && !self.tuners.is_empty() {
             return Err(format!(
                 "train.cache = \"{}\" needs a frozen trunk, but tuners.{} change it: set train.cache = \"off\" (or \"auto\")",
@@ -426,6 +473,7 @@ impl ExperimentConfig {
             MethodConfig::Vqt(_) => "vqt",
             MethodConfig::Synqt(_) => "synqt",
         };
+        let q = if self.head2toe.is_some() { "vqt+head2toe" } else { q };
         let t = self.tuners.names();
         match (q, t.is_empty()) {
             (_, true) => q.to_string(),

@@ -194,7 +194,12 @@ pub struct RunRecord {
     pub cache: Option<CacheRecord>,
     /// End-of-epoch training and validation metrics (loss, accuracy, lr).
     pub epochs: Vec<EpochMetrics>,
-    /// The epoch this run resumed from, if it did.
+    /// Head2Toe feature selection (`head2toe` in the config): the selection and the earlier
+    /// stages. With it, `epochs` and the accuracies are stage B's, and `trainable_params` counts
+    /// the final model's learned tensors (the VQT stage's queries and stage B's head).
+    #[serde(default)]
+    pub head2toe: Option<Head2ToeRecord>,
+    /// The epoch this run resumed from, if it did (the VQT stage's, with Head2Toe).
     pub resumed_from_epoch: Option<usize>,
     /// Validation accuracy (%) at the last epoch.
     pub val_accuracy: f64,
@@ -542,151 +547,275 @@ fn f32_name() -> String {
     "f32".into()
 }
 
+/// Where the Head2Toe stages keep their checkpoints, metrics and trainable files (under the run
+/// directory).
+pub const HEAD2TOE_DIR: &str = "head2toe";
+
+/// What the Head2Toe stages add to `run.json` (the run's top-level `epochs`, `val_accuracy` and
+/// `test_accuracy` are stage B's; its `trainable_file` holds the VQT stage's queries and head).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Head2ToeRecord {
+    /// Width F of the full head input `[cls, every layer's query outputs]`.
+    pub features: usize,
+    /// Kept feature indices into it, highest stage-A score first (`int(F·keep)` of them).
+    pub selection: Vec<usize>,
+    /// Validation accuracy (%) of the VQT stage at its last epoch.
+    pub vqt_val_accuracy: f64,
+    /// Per-epoch metrics of the VQT stage.
+    pub vqt_epochs: Vec<EpochMetrics>,
+    /// Validation accuracy (%) of stage A (compress) at its last epoch.
+    pub compress_val_accuracy: f64,
+    /// Per-epoch metrics of stage A.
+    pub compress_epochs: Vec<EpochMetrics>,
+    /// Stage B's head (safetensors, relative to the run directory).
+    pub featselect_file: String,
+}
+
+/// What every training stage shares: batchers, items, options.
+struct Stages<'a> {
+    cfg: &'a ExperimentConfig,
+    opts: &'a TrainOptions,
+    train_batcher: TrunkBatcher,
+    val_batcher: TrunkBatcher,
+    train_items: Vec<Item>,
+    val_items: Vec<Item>,
+    ad: Device,
+}
+
+/// A trained stage: the model on the autodiff device (with that stage's trainability) and its
+/// per-epoch metrics.
+struct Trained {
+    model: TrunkModel,
+    epochs: Vec<EpochMetrics>,
+    resumed_from: Option<usize>,
+}
+
+impl Stages<'_> {
+    /// The epoch the stage in `dir` continues after with `--resume` (`None`: from scratch;
+    /// `Some(train.epochs)`: it is complete and is only reloaded).
+    fn start(&self, dir: &Path) -> Option<usize> {
+        self.opts.resume.then(|| TrainableCheckpointer::latest(&dir.join("checkpoint"))).flatten()
+    }
+
+    /// Trains `model` for `train.epochs` epochs at peak rate `lr` with burn-train's learner;
+    /// checkpoints go to `<dir>/checkpoint`, per-epoch metrics to `<dir>/epochs.json`.
+    fn run(&self, model: TrunkModel, dir: &Path, lr: f64, start: Option<usize>) -> Result<Trained> {
+        let t = &self.cfg.train;
+        let ckpt_dir = dir.join("checkpoint");
+        let epochs_path = dir.join(EPOCHS_FILE);
+        // The model on the autodiff device, as the learner trains it: trainability is visible there.
+        let template = model.clone().fork(&self.ad);
+        let previous = |done: usize| -> Result<Vec<EpochMetrics>> {
+            let mut previous: Vec<EpochMetrics> = match std::fs::read_to_string(&epochs_path) {
+                Ok(text) => serde_json::from_str(&text).with_context(|| epochs_path.display().to_string())?,
+                Err(_) => Vec::new(),
+            };
+            previous.retain(|e| e.epoch <= done);
+            Ok(previous)
+        };
+        if start == Some(t.epochs) {
+            // Completed before an interruption of a later stage: reload it.
+            let model = vqt_models::tuners::load_trainable(template, &TrainableCheckpointer::path(&ckpt_dir, t.epochs))?;
+            return Ok(Trained { model, epochs: previous(t.epochs)?, resumed_from: start });
+        }
+
+        let loader_train = DataLoaderBuilder::new(SeededBatcher { inner: self.train_batcher.clone(), seed: t.seed })
+            .batch_size(t.batch_size)
+            .num_workers(t.num_workers)
+            .build(EpochShuffled::new(self.train_items.clone(), t.seed, start.unwrap_or(0)));
+        let loader_valid = DataLoaderBuilder::new(self.val_batcher.clone())
+            .batch_size(t.batch_size)
+            .num_workers(t.num_workers)
+            .build(InMemDataset::new(self.val_items.clone()));
+
+        // Optimiser and schedule (per iteration: linear warm-up, then cosine to 0).
+        let optim = match t.optimizer {
+            OptimizerKind::Adamw => AdamWConfig::new().with_epsilon(t.adam_epsilon as f32).with_weight_decay(t.weight_decay as f32).init(),
+            OptimizerKind::Adam => AdamConfig::new().with_epsilon(t.adam_epsilon as f32).with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32))).init(),
+            OptimizerKind::Sgd => SgdConfig::new()
+                .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
+                .with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32)))
+                .init(),
+        };
+        // The schedule advances once per optimizer step (after `grad_accumulation` batches; with N
+        // devices each step takes one batch per device, each device reading 1/N of the split).
+        let workers = self.opts.devices.len().max(1);
+        let iters_per_epoch = self.train_items.len().div_ceil(workers).div_ceil(t.batch_size).div_ceil(t.grad_accumulation);
+        let total_iters = iters_per_epoch * t.epochs;
+        let warmup = (iters_per_epoch * t.warmup_epochs).min(total_iters.saturating_sub(1));
+        let cosine = CosineAnnealingLrSchedulerConfig::new(lr, (total_iters - warmup).max(1));
+        let scheduler = if warmup > 0 {
+            SequentialLrSchedulerConfig::new(vec![LinearLrSchedulerConfig::new(lr / warmup as f64, lr, warmup).into(), cosine.into()], vec![warmup]).init()
+        } else {
+            cosine.init()
+        }
+        .map_err(|e| anyhow::anyhow!("learning-rate schedule: {e}"))?;
+
+        // Per-epoch metrics survive an interruption in epochs.json.
+        let earlier = match start {
+            Some(done) => previous(done)?,
+            None => Vec::new(),
+        };
+        let log = Arc::new(Mutex::new(RunLog { epochs: earlier, non_finite: None, persist: Some(epochs_path.clone()) }));
+
+        let mut training = SupervisedTraining::new(dir, loader_train, loader_valid)
+            .metrics((AccuracyMetric::new(), LossMetric::new()))
+            .metric_train_numeric(LearningRateMetric::new())
+            .num_epochs(t.epochs)
+            .with_application_logger(None)
+            .with_custom_checkpointers(
+                TrainableCheckpointer::new(&ckpt_dir, template.clone()),
+                FileCheckpointer::new(&ckpt_dir, "optim"),
+                FileCheckpointer::new(&ckpt_dir, "scheduler"),
+            )
+            .with_checkpointing_strategy(KeepLastNCheckpoints::new(2));
+        if t.grad_accumulation > 1 {
+            training = training.grads_accumulation(t.grad_accumulation);
+        }
+        if self.opts.devices.len() > 1 {
+            let devices = self.opts.devices.iter().map(|(_, d)| d.clone().without_autodiff().autodiff()).collect();
+            training = training.with_training_strategy(ExecutionStrategy::MultiDevice(devices, MultiDeviceOptim::OptimMainDevice).into());
+        }
+        if let Some(n_epochs) = t.early_stopping_patience {
+            use burn::train::metric::store::{Aggregate, Direction, Split};
+            training = training.early_stopping(burn::train::MetricEarlyStoppingStrategy::new(
+                &LossMetric::new(),
+                Aggregate::Mean,
+                Direction::Lowest,
+                Split::Valid,
+                burn::train::StoppingCondition::NoImprovementSince { n_epochs },
+            ));
+        }
+        if let Some(epoch) = start {
+            eprintln!("resuming from the checkpoint of epoch {epoch} in {}", ckpt_dir.display());
+            training = training.checkpoint(epoch);
+        }
+        let tui = tui_renderer(training.interrupter(), start);
+        let renderer = EpochRenderer::new(log.clone(), training.interrupter(), tui);
+        let result = training.renderer(Box::new(renderer)).launch(Learner::new(model.fork(&self.ad), optim, scheduler));
+        let log = std::mem::take(&mut *log.lock().expect("run log"));
+        if let Some((epoch, iteration, value)) = log.non_finite {
+            let kept = TrainableCheckpointer::latest(&ckpt_dir)
+                .map(|e| format!("the last good checkpoint is epoch {e} ({})", TrainableCheckpointer::path(&ckpt_dir, e).display()))
+                .unwrap_or_else(|| "no epoch completed, so no checkpoint was kept".into());
+            anyhow::bail!("training stopped: loss is {value} at epoch {epoch}, iteration {iteration}; {kept}");
+        }
+        if let Some(e) = result.error {
+            anyhow::bail!("training failed: {e}");
+        }
+        // The learner hands back the model without autodiff; trainability is read from the model
+        // as built, with the trained values applied.
+        let model = template.try_load_record(result.model.into_record()).map_err(|e| anyhow::anyhow!("trained model: {e}"))?;
+        Ok(Trained { model, epochs: log.epochs, resumed_from: start })
+    }
+
+    /// Validation accuracy (%) of a trained stage.
+    fn val_accuracy(&self, model: &TrunkModel) -> f64 {
+        accuracy(&model.valid(), &self.val_batcher, &self.val_items, self.cfg.train.batch_size, &self.ad.clone().without_autodiff())
+    }
+}
+
 /// Runs the experiment; artifacts (checkpoints, learner logs, `run.json`) go to `out`.
 pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path, opts: TrainOptions) -> Result<RunRecord> {
     let t0 = Instant::now();
     std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
     let plain = device.clone().without_autodiff();
     let ad = plain.clone().autodiff();
-    let ckpt_dir = out.join("checkpoint");
-    let resume_from = if opts.resume {
-        let epoch = TrainableCheckpointer::latest(&ckpt_dir)
-            .ok_or_else(|| anyhow::anyhow!("{}: --resume found no complete checkpoint to continue from", ckpt_dir.display()))?;
-        anyhow::ensure!(epoch < cfg.train.epochs, "{}: the run already completed all {} epochs", ckpt_dir.display(), cfg.train.epochs);
-        Some(epoch)
-    } else {
-        None
-    };
+    let t = &cfg.train;
+    let h2t_dir = out.join(HEAD2TOE_DIR);
+    let (compress_dir, featselect_dir) = (h2t_dir.join("compress"), h2t_dir.join("featselect"));
+    if opts.resume {
+        let ckpt_dir = out.join("checkpoint");
+        anyhow::ensure!(
+            TrainableCheckpointer::latest(&ckpt_dir).is_some(),
+            "{}: --resume found no complete checkpoint to continue from",
+            ckpt_dir.display()
+        );
+        let last = if cfg.head2toe.is_some() { featselect_dir.join("checkpoint") } else { ckpt_dir };
+        anyhow::ensure!(
+            TrainableCheckpointer::latest(&last).is_none_or(|e| e < t.epochs),
+            "{}: the run already completed all {} epochs",
+            last.display(),
+            t.epochs
+        );
+    }
     if opts.precision == vqt_core::device::Precision::F16
-        && matches!(cfg.train.optimizer, crate::config::OptimizerKind::Adam | crate::config::OptimizerKind::Adamw)
-        && cfg.train.adam_epsilon < 1e-7
+        && matches!(t.optimizer, OptimizerKind::Adam | OptimizerKind::Adamw)
+        && t.adam_epsilon < 1e-7
     {
         anyhow::bail!(
             "train.adam_epsilon = {:e} underflows to 0 in f16 (the first Adam update divides by zero): set train.adam_epsilon = 1e-4 with --precision f16, or use --precision bf16",
-            cfg.train.adam_epsilon
+            t.adam_epsilon
         );
     }
     let prep = prepare(cfg, device)?;
-    if resume_from.is_none() && ckpt_dir.exists() {
+    if !opts.resume {
         // A fresh run must not pick up stale checkpoints of an earlier one.
-        std::fs::remove_dir_all(&ckpt_dir).with_context(|| ckpt_dir.display().to_string())?;
+        for stale in [out.join("checkpoint"), h2t_dir.clone()] {
+            if stale.exists() {
+                std::fs::remove_dir_all(&stale).with_context(|| stale.display().to_string())?;
+            }
+        }
     }
 
     let (train_batcher, cache_record) = match cache_batcher(&prep, cfg, &plain)? {
         Some((b, r)) => (b, Some(r)),
         None => (
-            TrunkBatcher::Images { samples: prep.train_set.clone(), pre: prep.pre.clone(), augment_seed: prep.pre.is_random().then_some(cfg.train.seed) },
+            TrunkBatcher::Images { samples: prep.train_set.clone(), pre: prep.pre.clone(), augment_seed: prep.pre.is_random().then_some(t.seed) },
             None,
         ),
     };
-    let model = prep.model.clone();
-    // The model on the autodiff device, as the learner trains it: trainability is visible there.
-    let template = model.clone().fork(&ad);
-    let (trainable, total) = vqt_models::tuners::param_counts(&template);
-
-    let t = &cfg.train;
-    let loader_train = DataLoaderBuilder::new(SeededBatcher { inner: train_batcher, seed: t.seed })
-        .batch_size(t.batch_size)
-        .num_workers(t.num_workers)
-        .build(EpochShuffled::new(items(&prep.train_set), t.seed, resume_from.unwrap_or(0)));
-    let val_batcher = prep.image_batcher(&prep.val_set);
-    let loader_valid = DataLoaderBuilder::new(val_batcher.clone())
-        .batch_size(t.batch_size)
-        .num_workers(t.num_workers)
-        .build(InMemDataset::new(items(&prep.val_set)));
-
-    // Optimiser and schedule (per iteration: linear warm-up, then cosine to 0).
-    let optim = match t.optimizer {
-        OptimizerKind::Adamw => AdamWConfig::new().with_epsilon(t.adam_epsilon as f32).with_weight_decay(t.weight_decay as f32).init(),
-        OptimizerKind::Adam => AdamConfig::new().with_epsilon(t.adam_epsilon as f32).with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32))).init(),
-        OptimizerKind::Sgd => SgdConfig::new()
-            .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
-            .with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32)))
-            .init(),
+    let stages = Stages {
+        cfg,
+        opts: &opts,
+        train_batcher,
+        val_batcher: prep.image_batcher(&prep.val_set),
+        train_items: items(&prep.train_set),
+        val_items: items(&prep.val_set),
+        ad: ad.clone(),
     };
-    // The schedule advances once per optimizer step (after `grad_accumulation` batches; with N
-    // devices each step takes one batch per device, each device reading 1/N of the split).
-    let workers = opts.devices.len().max(1);
-    let iters_per_epoch = prep.train_set.len().div_ceil(workers).div_ceil(t.batch_size).div_ceil(t.grad_accumulation);
-    let total_iters = iters_per_epoch * t.epochs;
-    let warmup = (iters_per_epoch * t.warmup_epochs).min(total_iters.saturating_sub(1));
-    let cosine = CosineAnnealingLrSchedulerConfig::new(t.lr, (total_iters - warmup).max(1));
-    let scheduler = if warmup > 0 {
-        SequentialLrSchedulerConfig::new(
-            vec![LinearLrSchedulerConfig::new(t.lr / warmup as f64, t.lr, warmup).into(), cosine.into()],
-            vec![warmup],
-        )
-        .init()
-    } else {
-        cosine.init()
-    }
-    .map_err(|e| anyhow::anyhow!("learning-rate schedule: {e}"))?;
-
-    // Per-epoch metrics survive an interruption in epochs.json.
-    let epochs_path = out.join(EPOCHS_FILE);
-    let mut previous: Vec<EpochMetrics> = Vec::new();
-    if let Some(done) = resume_from {
-        if let Ok(text) = std::fs::read_to_string(&epochs_path) {
-            previous = serde_json::from_str(&text).with_context(|| epochs_path.display().to_string())?;
-        }
-        previous.retain(|e| e.epoch <= done);
-    }
-    let log = Arc::new(Mutex::new(RunLog { epochs: previous, non_finite: None, persist: Some(epochs_path.clone()) }));
-
-    let mut training = SupervisedTraining::new(out, loader_train, loader_valid)
-        .metrics((AccuracyMetric::new(), LossMetric::new()))
-        .metric_train_numeric(LearningRateMetric::new())
-        .num_epochs(t.epochs)
-        .with_application_logger(None)
-        .with_custom_checkpointers(
-            TrainableCheckpointer::new(&ckpt_dir, template.clone()),
-            FileCheckpointer::new(&ckpt_dir, "optim"),
-            FileCheckpointer::new(&ckpt_dir, "scheduler"),
-        )
-        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2));
-    if t.grad_accumulation > 1 {
-        training = training.grads_accumulation(t.grad_accumulation);
-    }
-    if opts.devices.len() > 1 {
-        let devices = opts.devices.iter().map(|(_, d)| d.clone().without_autodiff().autodiff()).collect();
-        training = training.with_training_strategy(ExecutionStrategy::MultiDevice(devices, MultiDeviceOptim::OptimMainDevice).into());
-    }
-    if let Some(n_epochs) = t.early_stopping_patience {
-        use burn::train::metric::store::{Aggregate, Direction, Split};
-        training = training.early_stopping(burn::train::MetricEarlyStoppingStrategy::new(
-            &LossMetric::new(),
-            Aggregate::Mean,
-            Direction::Lowest,
-            Split::Valid,
-            burn::train::StoppingCondition::NoImprovementSince { n_epochs },
-        ));
-    }
-    if let Some(epoch) = resume_from {
-        eprintln!("resuming from the checkpoint of epoch {epoch} in {}", ckpt_dir.display());
-        training = training.checkpoint(epoch);
-    }
-    let tui = tui_renderer(training.interrupter(), resume_from);
-    let renderer = EpochRenderer::new(log.clone(), training.interrupter(), tui);
-    let result = training.renderer(Box::new(renderer)).launch(Learner::new(model.fork(&ad), optim, scheduler));
-    let log = std::mem::take(&mut *log.lock().expect("run log"));
-    if let Some((epoch, iteration, value)) = log.non_finite {
-        let kept = TrainableCheckpointer::latest(&ckpt_dir)
-            .map(|e| format!("the last good checkpoint is epoch {e} ({})", TrainableCheckpointer::path(&ckpt_dir, e).display()))
-            .unwrap_or_else(|| "no epoch completed, so no checkpoint was kept".into());
-        anyhow::bail!("training stopped: loss is {value} at epoch {epoch}, iteration {iteration}; {kept}");
-    }
-    if let Some(e) = result.error {
-        anyhow::bail!("training failed: {e}");
-    }
-    // The learner hands back the model without autodiff; trainability is read from the model as
-    // built, with the trained values applied.
-    let model = template.try_load_record(result.model.into_record()).map_err(|e| anyhow::anyhow!("trained model: {e}"))?;
+    let trained = stages.run(prep.model.clone(), out, t.lr, stages.start(out))?;
+    let resumed_from = trained.resumed_from;
     let trainable_path = out.join(TRAINABLE_FILE);
-    vqt_models::tuners::save_trainable(&model, &trainable_path)?;
+    vqt_models::tuners::save_trainable(&trained.model, &trainable_path)?;
+    let (mut trainable, total) = vqt_models::tuners::param_counts(&trained.model);
+
+    let (model, epochs, head2toe) = match &cfg.head2toe {
+        None => (trained.model, trained.epochs, None),
+        Some(h) => {
+            // Stage A (compress) from the trained queries, then stage B (featselect).
+            let vqt_val_accuracy = stages.val_accuracy(&trained.model);
+            let lr = t.lr * h.lr_scale;
+            let a = trained.model.map_vqt(|v| Ok(v.into_compress_stage(h.lambda))).map_err(anyhow::Error::msg)?;
+            let a = stages.run(a, &compress_dir, lr, stages.start(&compress_dir))?;
+            let compress_val_accuracy = stages.val_accuracy(&a.model);
+            let features = match &a.model.method {
+                QueryMethod::Vqt(v) => v.head.weight.dims()[0],
+                _ => unreachable!("map_vqt checked the method"),
+            };
+            let b = a.model.map_vqt(|v| v.into_featselect_stage(h.keep)).map_err(anyhow::Error::msg)?;
+            let b = stages.run(b, &featselect_dir, lr, stages.start(&featselect_dir))?;
+            let featselect_file = format!("{HEAD2TOE_DIR}/featselect/{TRAINABLE_FILE}");
+            vqt_models::tuners::save_trainable(&b.model, &out.join(&featselect_file))?;
+            let QueryMethod::Vqt(v) = &b.model.method else { unreachable!("map_vqt checked the method") };
+            // The final model's learned parameters: the VQT stage's queries and stage B's head.
+            trainable = vqt_models::tuners::param_counts(&b.model).0 + v.queries.val().shape().num_elements();
+            let record = Head2ToeRecord {
+                features,
+                selection: v.selection.clone().expect("stage B selects"),
+                vqt_val_accuracy,
+                vqt_epochs: trained.epochs,
+                compress_val_accuracy,
+                compress_epochs: a.epochs,
+                featselect_file,
+            };
+            (b.model, b.epochs, Some(record))
+        }
+    };
 
     // Final evaluation: validation and test once, at the last epoch.
     let eval_model = model.valid();
-    let val_accuracy = accuracy(&eval_model, &val_batcher, &items(&prep.val_set), t.batch_size, &plain);
+    let val_accuracy = stages.val_accuracy(&model);
     let test_accuracy = accuracy(&eval_model, &prep.image_batcher(&prep.test_set), &items(&prep.test_set), t.batch_size, &plain);
     let record = RunRecord {
         config: cfg.clone(),
@@ -703,8 +832,9 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
         split_sizes: [prep.train_set.len(), prep.val_set.len(), prep.test_set.len()],
         data_skipped: prep.skipped.clone(),
         cache: cache_record,
-        epochs: log.epochs,
-        resumed_from_epoch: resume_from,
+        epochs,
+        head2toe,
+        resumed_from_epoch: resumed_from,
         val_accuracy,
         test_accuracy,
         trainable_file: TRAINABLE_FILE.into(),
@@ -746,7 +876,11 @@ pub fn evaluate(run_dir: &Path, split: EvalSplit, device: &Device) -> Result<(f6
     cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", rpath.display()))?;
     let prep = prepare(&cfg, device)?;
     let ad = device.clone().without_autodiff().autodiff();
-    let model = vqt_models::tuners::load_trainable(prep.model.clone().fork(&ad), &run_dir.join(&rec.trainable_file))?;
+    let mut model = vqt_models::tuners::load_trainable(prep.model.clone().fork(&ad), &run_dir.join(&rec.trainable_file))?;
+    if let Some(h) = &rec.head2toe {
+        let selected = model.map_vqt(|v| v.into_selected(h.selection.clone())).map_err(|e| anyhow::anyhow!("{}: head2toe.selection: {e}", rpath.display()))?;
+        model = vqt_models::tuners::load_trainable(selected, &run_dir.join(&h.featselect_file))?;
+    }
     let set = prep.split(split);
     let plain = device.clone().without_autodiff();
     let acc = accuracy(&model.valid(), &prep.image_batcher(set), &items(set), cfg.train.batch_size, &plain);

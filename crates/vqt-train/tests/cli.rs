@@ -512,3 +512,63 @@ fn devices_flag_trains_data_parallel_through_burn_train() {
     let e = err_of(&["--device", "0", "--devices", "0,1", "train", "--config", cfg.to_str().unwrap()]);
     assert!(e.contains("give --device N or --devices N,M,..., not both"), "{e}");
 }
+
+#[test]
+fn head2toe_selects_features_in_two_stages_resumes_and_evaluates() {
+    let d = tmp("h2t");
+    let cfg = config(&d, "kind = \"vqt\"\nnum_queries = 1", "auto");
+    let out = d.join("run");
+    let h2t = ["--set", "train.epochs=3", "--set", "head2toe.keep=0.5", "--set", "head2toe.lambda=0.001"];
+    let full = train_in("h2t", &cfg, &out, "cpu", &h2t);
+    assert_eq!(full["method"], "vqt+head2toe");
+    assert_eq!(full["cache"]["mode"], "kv", "all three stages train from one cache");
+    let h = &full["head2toe"];
+    // F = 64 * (1 + 4 layers * 1 query) = 320 features; keep 0.5 -> 160, distinct, in range.
+    assert_eq!(h["features"], 320);
+    let sel: Vec<u64> = h["selection"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(sel.len(), 160);
+    assert!(sel.iter().all(|&i| i < 320) && sel.iter().collect::<std::collections::BTreeSet<_>>().len() == 160, "{sel:?}");
+    // The final model learned the queries [4, 1, 64] and a 160 -> 3 head.
+    assert_eq!(full["trainable_params"], 4 * 64 + 160 * 3 + 3);
+    // Every stage ran the whole schedule; A and B at head2toe.lr_scale (0.5) times the VQT rate.
+    let lrs = |k: &serde_json::Value| -> Vec<f64> { k.as_array().unwrap().iter().map(|e| e["train"]["lr"].as_f64().unwrap()).collect() };
+    let (v, a, b) = (lrs(&h["vqt_epochs"]), lrs(&h["compress_epochs"]), lrs(&full["epochs"]));
+    assert_eq!((v.len(), a.len(), b.len()), (3, 3, 3));
+    for i in 0..3 {
+        assert!((a[i] - 0.5 * v[i]).abs() < 1e-9 && (b[i] - a[i]).abs() < 1e-12, "epoch {}: {v:?} {a:?} {b:?}", i + 1);
+    }
+    assert!(h["vqt_val_accuracy"].as_f64().is_some() && h["compress_val_accuracy"].as_f64().is_some());
+    assert!(out.join("head2toe/featselect/trainable.safetensors").is_file());
+
+    // `eval` rebuilds the selected head from the record and scores the same accuracy.
+    let o = bin().args(["eval", "--run"]).arg(&out).args(["--split", "test"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = format!("Test accuracy {:.2}% (30 images)", full["test_accuracy"].as_f64().unwrap());
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&want), "{} lacks {want}", String::from_utf8_lossy(&o.stdout));
+
+    // A crash during stage A's last epoch: resuming reloads the VQT stage, finishes stage A from
+    // its epoch-2 checkpoint and reruns stage B, to the same selection and result.
+    let ckpt = out.join("head2toe/compress/checkpoint");
+    for f in ["trainable-3.safetensors", "optim-3.bpk", "scheduler-3.bpk"] {
+        std::fs::remove_file(ckpt.join(f)).unwrap();
+    }
+    std::fs::remove_dir_all(out.join("head2toe/featselect")).unwrap();
+    std::fs::remove_file(out.join("run.json")).unwrap();
+    let resumed = train_in("h2t-resume", &cfg, &out, "cpu", &[&h2t[..], &["--resume"]].concat());
+    assert_eq!(resumed["head2toe"]["selection"], h["selection"]);
+    assert_eq!(epoch_losses(&resumed), epoch_losses(&full));
+    assert_eq!((&resumed["val_accuracy"], &resumed["test_accuracy"]), (&full["val_accuracy"], &full["test_accuracy"]));
+    let e = err_of(&[&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()][..], &h2t[..], &["--resume"]].concat());
+    assert!(e.contains("already completed all 3 epochs") && e.contains("featselect"), "{e}");
+
+    // Head2Toe needs VQT on a frozen backbone and a keep fraction in (0, 1].
+    let c = cfg.to_str().unwrap();
+    let e = err_of(&["train", "--config", c, "--set", "method={kind=\"linear\"}", "--set", "head2toe.keep=0.5"]);
+    assert!(e.contains("head2toe") && e.contains("vqt"), "{e}");
+    let e = err_of(&["train", "--config", c, "--set", "head2toe.keep=0"]);
+    assert!(e.contains("head2toe.keep 0 must be in (0, 1]"), "{e}");
+    let e = err_of(&["train", "--config", c, "--set", "head2toe.keep=0.5", "--set", "tuners={lora={rank=2}}"]);
+    assert!(e.contains("head2toe") && e.contains("tuners.lora"), "{e}");
+    let e = err_of(&["train", "--config", c, "--set", "head2toe.keep=0.5", "--set", "head2toe.lam=1"]);
+    assert!(e.contains("lam"), "{e}");
+}

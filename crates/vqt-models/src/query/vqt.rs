@@ -139,8 +139,24 @@ impl Vqt {
         if self.selection.is_some() {
             return Err("feature selection was already applied".into());
         }
-        let [_, c] = self.head.weight.dims();
         let ids = select_top(&feature_scores(self.head.weight.val()), keep)?;
+        self.into_selected(ids)
+    }
+
+    /// The stage-B model for a given selection (feature indices into the full head input, as
+    /// stage B chose them): frozen queries, a fresh head `Linear(ids.len(), C)`, no penalty.
+    /// [`Self::into_featselect_stage`] ends here; evaluation rebuilds a saved run with it.
+    pub fn into_selected(self, ids: Vec<usize>) -> Result<Self, String> {
+        if self.selection.is_some() {
+            return Err("feature selection was already applied".into());
+        }
+        let [f, c] = self.head.weight.dims();
+        if ids.is_empty() {
+            return Err("the feature selection is empty".into());
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i >= f) {
+            return Err(format!("feature index {bad} is out of range for a head of {f} features"));
+        }
         let device = self.queries.device();
         let head = vqt_head(ids.len(), c, &device);
         Ok(Vqt { queries: self.queries.set_require_grad(false), head, selection: Some(ids), lasso: 0.0, ..self })
