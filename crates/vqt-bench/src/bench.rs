@@ -96,6 +96,9 @@ pub struct StepReport {
     pub cache_bytes: Option<usize>,
     /// 1-minute load average at the end (timings on a shared machine swing with load).
     pub load_avg: Option<f64>,
+    /// The allocator settings of the measuring process ([`vqt_core::mem::tune_allocator`]).
+    #[serde(default)]
+    pub allocator: String,
     /// Median inference time of one batch of images (ms; the trained model without autodiff,
     /// timed after the training peak was read; the cached VQT row infers from images too).
     #[serde(default)]
@@ -282,6 +285,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         cache_images,
         cache_bytes,
         load_avg: load_avg(),
+        allocator: vqt_core::mem::tune_allocator().into(),
         infer_ms_median: Some(infer_ms),
         infer_images_per_s: Some(b as f64 / (infer_ms / 1e3)),
     })
@@ -312,12 +316,13 @@ pub fn markdown(reports: &[StepReport]) -> String {
     let mut s = String::new();
     if let Some(r) = reports.first() {
         s += &format!(
-            "Backbone {} at {}px, batch {}, backend `{}`; median of timed steps after warm-up; memory = {}.\n\n",
+            "Backbone {} at {}px, batch {}, backend `{}`; median of timed steps after warm-up; memory = {}; allocator: {}.\n\n",
             r.backbone,
             r.img_size,
             r.batch,
             r.backend,
-            if r.device_peak_bytes.is_some() { "device pool peak" } else { "process peak RSS (VmHWM) minus RSS after model build, glibc malloc" }
+            if r.device_peak_bytes.is_some() { "device pool peak" } else { "process peak RSS (VmHWM) minus RSS after model build" },
+            if r.allocator.is_empty() { "not recorded" } else { &r.allocator }
         );
     }
     s += "| method | trainable params | step ms | train img/s | infer img/s | train memory MiB | memory / full FT | time / full FT |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";

@@ -186,6 +186,7 @@ fn step_in_child(method: &str, shape: &Shape) -> Result<vqt_bench::bench::StepRe
 }
 
 fn main() {
+    vqt_core::mem::tune_allocator();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(2);

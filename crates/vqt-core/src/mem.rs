@@ -14,6 +14,50 @@ pub fn status_field_bytes(status: &str, field: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The environment variable that keeps the C library's default allocator behaviour
+/// (`VQT_MALLOC=default`) instead of [`tune_allocator`]'s.
+pub const MALLOC_ENV: &str = "VQT_MALLOC";
+
+/// Keeps large freed blocks in the process for reuse (glibc only; called first thing by the
+/// `vqt-train` and `vqt-bench` binaries). Returns a description of the allocator in effect, for
+/// reports.
+///
+/// By default glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh
+/// `mmap` and unmaps it when freed, so every training step page-faults and zeroes its large
+/// tensors again: a batch of cached keys/values (77 MiB per tensor for ViT-B/16 at 224 px,
+/// batch 128), trunk activations. Measured on the 2-core CI machine (ViT-B/16, 224 px, batch
+/// 32, one cached-VQT step): gathering the batch from the cache 120 -> 21 ms, the whole step
+/// 379 -> 228 ms, and a trunk inference batch 13.0 -> 11.2 s. This sets `M_MMAP_MAX = 0`
+/// (every block from the heap) and `M_TRIM_THRESHOLD` = 2 GiB (freed heap memory stays mapped
+/// for the next step instead of going back to the kernel). Peak RSS keeps its meaning: freed
+/// memory is reused, never counted twice. Idempotent: later calls return the first answer.
+pub fn tune_allocator() -> &'static str {
+    static IN_EFFECT: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    IN_EFFECT.get_or_init(|| {
+        if std::env::var(MALLOC_ENV).is_ok_and(|v| v == "default") {
+            "system malloc, default settings (VQT_MALLOC=default)"
+        } else {
+            tune_platform()
+        }
+    })
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_platform() -> &'static str {
+    // SAFETY: mallopt only changes glibc's allocation parameters; it is safe to call at any time.
+    let ok = unsafe { libc::mallopt(libc::M_MMAP_MAX, 0) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1 };
+    if ok {
+        "glibc malloc, large blocks kept for reuse (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2GiB)"
+    } else {
+        "glibc malloc, default settings (mallopt refused)"
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_platform() -> &'static str {
+    "system malloc, default settings"
+}
+
 #[cfg(test)]
 mod tests {
     use super::status_field_bytes;

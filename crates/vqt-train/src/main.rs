@@ -118,6 +118,7 @@ enum Command {
 }
 
 fn main() {
+    vqt_core::mem::tune_allocator();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(2);

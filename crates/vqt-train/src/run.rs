@@ -211,6 +211,9 @@ pub struct RunRecord {
     pub peak_rss_bytes: Option<u64>,
     /// Wall time of this invocation (seconds).
     pub wall_seconds: f64,
+    /// The allocator settings the process ran with (they change speed, not results).
+    #[serde(default)]
+    pub allocator: String,
     /// `git rev-parse HEAD` of the working directory, if available.
     pub git_revision: Option<String>,
 }
@@ -840,6 +843,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
         trainable_file: TRAINABLE_FILE.into(),
         peak_rss_bytes: vqt_core::mem::proc_status_bytes("VmHWM"),
         wall_seconds: t0.elapsed().as_secs_f64(),
+        allocator: vqt_core::mem::tune_allocator().into(),
         git_revision: git_revision(),
     };
     let path = out.join("run.json");

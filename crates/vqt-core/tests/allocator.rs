@@ -1,0 +1,61 @@
+//! `tune_allocator` keeps large freed blocks for reuse: a second large batch-sized allocation
+//! costs (almost) no page faults, where glibc's default unmaps and faults it in again. Each
+//! case runs in its own process, because allocator settings are process-wide.
+#![cfg(all(target_os = "linux", target_env = "gnu"))]
+
+use std::process::Command;
+
+/// Minor page faults of this process so far (`/proc/self/stat`, field 10).
+fn minor_faults() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+    s[s.rfind(')').unwrap() + 2..].split_whitespace().nth(7).unwrap().parse().unwrap()
+}
+
+/// Faults taken by filling a fresh 48 MiB buffer (12,288 pages) after an equal one was freed.
+fn refill_faults() -> u64 {
+    let n = 48 << 20;
+    let fill = || {
+        let v = vec![1u8; n];
+        std::hint::black_box(&v);
+    };
+    fill();
+    let before = minor_faults();
+    fill();
+    minor_faults() - before
+}
+
+const CHILD: &str = "VQT_ALLOCATOR_TEST_CHILD";
+
+/// Runs this test binary's `child_reports_faults` in a fresh process with `malloc` as the
+/// `VQT_MALLOC` value (unset for `None`) and returns (allocator description, faults).
+fn in_child(malloc: Option<&str>) -> (String, u64) {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "child_reports_faults", "--nocapture", "--test-threads=1"]).env(CHILD, "1");
+    match malloc {
+        Some(v) => cmd.env(vqt_core::mem::MALLOC_ENV, v),
+        None => cmd.env_remove(vqt_core::mem::MALLOC_ENV),
+    };
+    let out = String::from_utf8(cmd.output().unwrap().stdout).unwrap();
+    let line = out.lines().find_map(|l| l.split_once("ALLOC ").map(|(_, r)| r)).unwrap_or_else(|| panic!("no report in {out}"));
+    let (desc, faults) = line.rsplit_once(" faults=").unwrap();
+    (desc.to_string(), faults.parse().unwrap())
+}
+
+#[test]
+fn child_reports_faults() {
+    if std::env::var(CHILD).is_ok() {
+        let desc = vqt_core::mem::tune_allocator();
+        println!("ALLOC {desc} faults={}", refill_faults());
+    }
+}
+
+#[test]
+fn large_freed_blocks_are_reused_without_page_faults() {
+    let (tuned, tuned_faults) = in_child(None);
+    assert!(tuned.contains("M_MMAP_MAX=0"), "{tuned}");
+    let (default, default_faults) = in_child(Some("default"));
+    assert!(default.contains("VQT_MALLOC=default"), "{default}");
+    // 12,288 pages: glibc's default maps them afresh; the tuned allocator reuses them.
+    assert!(default_faults > 10_000, "default settings: {default_faults} faults");
+    assert!(tuned_faults < 1_000, "tuned: {tuned_faults} faults (default: {default_faults})");
+}
