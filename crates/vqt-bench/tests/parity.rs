@@ -15,7 +15,16 @@ fn fixtures() -> Vec<PathBuf> {
     dirs
 }
 
+/// The tests of this file run one at a time: the wgpu-on-CPU check once deadlocked inside
+/// cubecl's autotune while the CPU was saturated by the other checks running beside it.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn check_all(device: Device, name: &str) {
+    let _one_at_a_time = serial();
     let mut failures = Vec::new();
     for dir in fixtures() {
         let r = vqt_bench::parity::run(&dir, &device).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -45,6 +54,7 @@ fn parity_wgpu() {
 
 #[test]
 fn tiny_a_runs_both_vit_and_vqt_checks() {
+    let _one_at_a_time = serial();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-a");
     let r = vqt_bench::parity::run(&dir, &Device::flex()).unwrap();
     assert!(r.unsupported.is_empty(), "{:?}", r.unsupported);
@@ -55,6 +65,7 @@ fn tiny_a_runs_both_vit_and_vqt_checks() {
 
 #[test]
 fn tuner_fixtures_check_every_trainable_gradient() {
+    let _one_at_a_time = serial();
     // tiny-g LoRA, tiny-h AdaptFormer, tiny-i VQT + LoRA + AdaptFormer (tools/gen_tuner_fixtures.py).
     for (name, grads) in [("tiny-g", 12 + 2), ("tiny-h", 12 + 2), ("tiny-i", 12 + 12 + 3)] {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name);
