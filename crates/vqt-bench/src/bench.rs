@@ -96,7 +96,7 @@ pub struct StepReport {
     pub cache_bytes: Option<usize>,
     /// 1-minute load average at the end (timings on a shared machine swing with load).
     pub load_avg: Option<f64>,
-    /// The allocator settings of the measuring process ([`vqt_core::mem::tune_allocator`]).
+    /// The allocator settings of the measuring process ([`vqt_core::mem::allocator_in_effect`]).
     #[serde(default)]
     pub allocator: String,
     /// Median inference time of one batch of images (ms; the trained model without autodiff,
@@ -285,7 +285,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         cache_images,
         cache_bytes,
         load_avg: load_avg(),
-        allocator: vqt_core::mem::tune_allocator().into(),
+        allocator: vqt_core::mem::allocator_in_effect().into(),
         infer_ms_median: Some(infer_ms),
         infer_images_per_s: Some(b as f64 / (infer_ms / 1e3)),
     })

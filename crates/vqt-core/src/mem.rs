@@ -32,14 +32,21 @@ pub const MALLOC_ENV: &str = "VQT_MALLOC";
 /// for the next step instead of going back to the kernel). Peak RSS keeps its meaning: freed
 /// memory is reused, never counted twice. Idempotent: later calls return the first answer.
 pub fn tune_allocator() -> &'static str {
-    static IN_EFFECT: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
-    IN_EFFECT.get_or_init(|| {
+    TUNED.get_or_init(|| {
         if std::env::var(MALLOC_ENV).is_ok_and(|v| v == "default") {
             "system malloc, default settings (VQT_MALLOC=default)"
         } else {
             tune_platform()
         }
     })
+}
+
+static TUNED: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The allocator settings of this process, for run records and reports: what
+/// [`tune_allocator`] set, or the defaults when nothing called it (a library user's process).
+pub fn allocator_in_effect() -> &'static str {
+    TUNED.get().copied().unwrap_or("system malloc, default settings (not tuned)")
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

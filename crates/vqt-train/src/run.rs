@@ -843,7 +843,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
         trainable_file: TRAINABLE_FILE.into(),
         peak_rss_bytes: vqt_core::mem::proc_status_bytes("VmHWM"),
         wall_seconds: t0.elapsed().as_secs_f64(),
-        allocator: vqt_core::mem::tune_allocator().into(),
+        allocator: vqt_core::mem::allocator_in_effect().into(),
         git_revision: git_revision(),
     };
     let path = out.join("run.json");
