@@ -183,10 +183,30 @@ pub fn configure_precision(device: &mut Device, backend: BackendKind, precision:
         .map_err(|e| DeviceError::Configure { backend, precision: precision.name(), reason: e.to_string() })
 }
 
+/// Checks `--device` and `--devices` before any device is built: the CPU backends (`cpu`,
+/// `ndarray`, `wgpu-cpu`) have one device, index 0, and there `--devices 0,1,...` names worker
+/// replicas on it; a device listed twice is refused on every backend.
+pub fn check_indices(backend: BackendKind, device: Option<usize>, devices: &[usize]) -> Result<(), String> {
+    let single = matches!(backend, BackendKind::Cpu | BackendKind::Ndarray | BackendKind::WgpuCpu);
+    if let (true, Some(i)) = (single, device) {
+        if i != 0 {
+            return Err(format!(
+                "--device {i}: the `{backend}` backend has one device, index 0 (--devices 0,1,... runs data-parallel workers on it)"
+            ));
+        }
+    }
+    for (n, i) in devices.iter().enumerate() {
+        if devices[..n].contains(i) {
+            return Err(format!("--devices lists device {i} twice"));
+        }
+    }
+    Ok(())
+}
+
 /// Builds the plain (non-autodiff) device for `backend`, device index `index`.
 ///
 /// `index` selects the n-th CUDA device, or the n-th discrete GPU for `wgpu` (None = default
-/// adapter). CPU backends ignore it.
+/// adapter). CPU backends have one device (see [`check_indices`]).
 pub fn make_device(backend: BackendKind, index: Option<usize>) -> Result<Device, DeviceError> {
     match backend {
         BackendKind::Cpu => Ok(Device::flex()),

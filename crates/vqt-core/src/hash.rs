@@ -19,6 +19,21 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
+/// Hex sha256 of the content of a decoded split, in order: every image's size, channels and
+/// pixels and its label. Two splits hash alike exactly when they hold the same images and labels
+/// in the same order, wherever the files came from; a file changed in place changes it.
+pub fn sha256_samples(samples: &[crate::data::Sample]) -> String {
+    let mut h = Sha256::new();
+    for s in samples {
+        let i = &s.image;
+        for v in [i.height, i.width, i.channels, s.label] {
+            h.update((v as u64).to_le_bytes());
+        }
+        h.update(&i.pixels);
+    }
+    format!("{:x}", h.finalize())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

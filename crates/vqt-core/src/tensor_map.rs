@@ -128,6 +128,9 @@ pub struct Provenance {
     pub dropped: BTreeMap<String, String>,
     /// Dtypes converted to f32 (e.g. `f16: 74 tensors`).
     pub casts: Vec<String>,
+    /// Integer/boolean tensors skipped as non-weights (name -> dtype); a model that needs one of
+    /// them reports its dtype instead of calling it missing.
+    pub non_float: BTreeMap<String, String>,
 }
 
 /// Canonical tensors (timm naming, PyTorch layout, f32) plus where they came from.

@@ -60,6 +60,10 @@ fn bad_lists_name_file_and_line() {
     assert!(e.contains(&format!("{}: line 2: expected `path label`", f.display())), "{e}");
     noah(&root, "images/train800/000000.png three\n");
     assert!(err(read_vtab_split(&root, "cifar", "train800", false)).contains("line 1: label `three` is not a non-negative integer"));
+    // Two numbers after the path: a malformed line, not the path `000000.png 5`.
+    noah(&root, "images/train800/000000.png 5 7\n");
+    let e = err(read_vtab_split(&root, "cifar", "train800", false));
+    assert!(e.contains("line 1: `images/train800/000000.png 5 7` ends in two numbers"), "{e}");
     noah(&root, "\n  \n");
     assert!(err(read_vtab_split(&root, "cifar", "train800", false)).contains("train800.txt: the split is empty"));
     noah(&root, "images/train800/000000.png 3\n");
@@ -81,6 +85,16 @@ fn bad_images_and_labels_stop_or_are_skipped_and_counted() {
     assert!(e.contains("gone.png") && e.contains(&format!("listed at {}:2", f.display())), "{e}");
     let e = err(load(&[entries[0].clone(), entries[2].clone()], 10, false, 1));
     assert!(e.contains("broken.png: cannot decode image") && e.contains(":3)"), "{e}");
+    // A truncated JPEG: the decoder's message is kept on one line.
+    let jpg = root.join("cifar/images/train800/cut.jpg");
+    let mut full = Vec::new();
+    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]))
+        .write_to(&mut std::io::Cursor::new(&mut full), image::ImageFormat::Jpeg)
+        .unwrap();
+    std::fs::write(&jpg, &full[..full.len() / 3]).unwrap();
+    let cut = Entry { path: jpg, label: 1, origin: "list:9".into() };
+    let e = err(load(&[cut], 10, false, 1));
+    assert!(e.contains("cut.jpg: cannot decode image"), "{e}");
     let (samples, skipped) = load(&entries, 10, true, 2).unwrap();
     assert_eq!(samples.len(), 1);
     assert_eq!((skipped.missing, skipped.corrupt, skipped.bad_label), (1, 1, 1));

@@ -127,19 +127,25 @@ pub enum CacheError {
         /// What is wrong.
         msg: String,
     },
-    /// A valid cache built for other inputs (checkpoint, preprocessing, size, dtype).
-    #[error("{path}: cache was built for `{found}`, this run needs `{expected}`: delete it or pass another path to rebuild")]
+    /// A valid cache built for other inputs (checkpoint, data, preprocessing, size, dtype).
+    #[error("{path}: cache was built for another `{field}` ({found}; this run: {expected}): delete it or pass another path to rebuild")]
     KeyMismatch {
         /// The file.
         path: std::path::PathBuf,
-        /// The key in the file.
+        /// The first key field that differs.
+        field: String,
+        /// Its value in the file (shortened).
         found: String,
-        /// The key of this run.
+        /// Its value for this run (shortened).
         expected: String,
     },
 }
 
-const MAGIC: &[u8; 10] = b"VQTCACHE1\n";
+/// Format 2: a JSON key object and a CRC-32 of the payload. Format 1 (a string key, no
+/// checksum) is refused.
+const MAGIC: &[u8; 10] = b"VQTCACHE2\n";
+/// The first 8 bytes of every format's magic.
+const MAGIC_STEM: &[u8; 8] = b"VQTCACHE";
 
 /// What a cache holds and how it is laid out (also the cache file's header, with the key).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -155,10 +161,24 @@ struct Layout {
 
 #[derive(Serialize, Deserialize)]
 struct FileHeader {
-    key: String,
+    /// What the cache was built from, one field per input (checkpoint, data content, pipeline…).
+    key: serde_json::Value,
     #[serde(flatten)]
     layout: Layout,
     depth: usize,
+}
+
+/// The first field of `expected` whose value differs in `found` (keys of both objects, in
+/// order), shortened for a one-line message.
+fn key_difference(found: &serde_json::Value, expected: &serde_json::Value) -> Option<(String, String, String)> {
+    let short = |v: Option<&serde_json::Value>| {
+        let s = v.map_or("absent".to_string(), |v| v.to_string());
+        if s.chars().count() > 80 { format!("{}…", s.chars().take(77).collect::<String>()) } else { s }
+    };
+    let (Some(f), Some(e)) = (found.as_object(), expected.as_object()) else {
+        return (found != expected).then(|| ("key".to_string(), short(Some(found)), short(Some(expected))));
+    };
+    e.keys().chain(f.keys().filter(|k| !e.contains_key(*k))).find(|k| f.get(*k) != e.get(*k)).map(|k| (k.clone(), short(f.get(k)), short(e.get(k))))
 }
 
 /// Trunk outputs of a whole dataset, in host memory or a memory-mapped file, indexed by dataset
@@ -250,60 +270,80 @@ impl FeatureCache {
     }
 
     /// Writes the cache to `path` (temp file + rename, so a crash never leaves a file that looks
-    /// valid). `key` identifies what it was built from: checkpoint sha256, image ids,
-    /// preprocessing preset, resize method, input size; [`FeatureCache::open`] checks it.
-    pub fn save(&self, path: &std::path::Path, key: &str) -> Result<(), CacheError> {
-        use std::io::Write;
-        let io = |source| CacheError::Io { path: path.to_path_buf(), error: source };
-        let header = FileHeader { key: key.to_string(), layout: self.layout, depth: self.layers.len() };
-        let header = serde_json::to_vec(&header).expect("header serialises");
-        let tmp = path.with_extension("partial");
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-        f.write_all(MAGIC).map_err(io)?;
-        f.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-        f.write_all(&header).map_err(io)?;
-        let mut written = MAGIC.len() + 8 + header.len();
-        for store in self.layers.iter().chain(&self.values).chain(std::iter::once(&self.cls)) {
-            let pad = (64 - written % 64) % 64; // 64-byte aligned sections
-            f.write_all(&vec![0u8; pad]).map_err(io)?;
-            f.write_all(store.raw_bytes()).map_err(io)?;
-            written += pad + store.bytes();
+    /// valid; a failed write removes the temp file). `key` identifies what it was built from (one
+    /// field per input: checkpoint, data content, pipeline, kind, dtype);
+    /// [`FeatureCache::open`] checks it field by field. The payload ends with its CRC-32.
+    pub fn save(&self, path: &std::path::Path, key: &serde_json::Value) -> Result<(), CacheError> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = std::path::PathBuf::from(tmp);
+        let result = self.write_to(&tmp, key).and_then(|()| std::fs::rename(&tmp, path));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        f.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        result.map_err(|error| CacheError::Io { path: path.to_path_buf(), error })
     }
 
-    /// Memory-maps a cache written by [`FeatureCache::save`]; fails if its key differs from
-    /// `key` or the file is damaged. Pages are read on demand, so the cache may exceed RAM.
-    pub fn open(path: &std::path::Path, key: &str) -> Result<Self, CacheError> {
+    fn write_to(&self, tmp: &std::path::Path, key: &serde_json::Value) -> std::io::Result<()> {
+        use std::io::Write;
+        let header = FileHeader { key: key.clone(), layout: self.layout, depth: self.layers.len() };
+        let header = serde_json::to_vec(&header).expect("header serialises");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+        f.write_all(MAGIC)?;
+        f.write_all(&(header.len() as u64).to_le_bytes())?;
+        f.write_all(&header)?;
+        let mut written = MAGIC.len() + 8 + header.len();
+        let mut crc = crc32fast::Hasher::new();
+        for store in self.layers.iter().chain(&self.values).chain(std::iter::once(&self.cls)) {
+            let pad = vec![0u8; (64 - written % 64) % 64]; // 64-byte aligned sections
+            for chunk in [&pad[..], store.raw_bytes()] {
+                f.write_all(chunk)?;
+                crc.update(chunk);
+            }
+            written += pad.len() + store.bytes();
+        }
+        f.write_all(&crc.finalize().to_le_bytes())?;
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()
+    }
+
+    /// Memory-maps a cache written by [`FeatureCache::save`]; fails if a field of its key differs
+    /// from `key` (naming the field), or if the file is damaged: truncated, or a payload whose
+    /// CRC-32 does not match (checked here, one sequential read of the file). Pages are read on
+    /// demand afterwards, so the cache may exceed RAM.
+    pub fn open(path: &std::path::Path, key: &serde_json::Value) -> Result<Self, CacheError> {
         let fmt = |msg: String| CacheError::Format { path: path.to_path_buf(), msg };
         let file = std::fs::File::open(path).map_err(|source| CacheError::Io { path: path.to_path_buf(), error: source })?;
         // SAFETY: the file is only read; vqt-rs never modifies a cache file in place (it writes
         // a new file and renames it).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| CacheError::Io { path: path.to_path_buf(), error: source })?;
-        if map.len() < MAGIC.len() + 8 || &map[..MAGIC.len()] != MAGIC {
+        if map.len() < MAGIC.len() + 8 || &map[..MAGIC_STEM.len()] != MAGIC_STEM {
             return Err(fmt("bad magic".into()));
+        }
+        if &map[..MAGIC.len()] != MAGIC {
+            let v = String::from_utf8_lossy(&map[MAGIC_STEM.len()..MAGIC.len() - 1]).into_owned();
+            return Err(fmt(format!("format {v} (an older vqt-rs); this version reads format 2: delete it or pass another path to rebuild")));
         }
         let hlen = u64::from_le_bytes(map[MAGIC.len()..MAGIC.len() + 8].try_into().unwrap()) as usize;
         let hstart = MAGIC.len() + 8;
         let header: FileHeader = map
-            .get(hstart..hstart + hlen)
+            .get(hstart..hstart.saturating_add(hlen))
             .ok_or_else(|| fmt("truncated header".into()))
             .and_then(|h| serde_json::from_slice(h).map_err(|e| fmt(format!("bad header: {e}"))))?;
-        if header.key != key {
-            return Err(CacheError::KeyMismatch { path: path.to_path_buf(), found: header.key, expected: key.to_string() });
+        if let Some((field, found, expected)) = key_difference(&header.key, key) {
+            return Err(CacheError::KeyMismatch { path: path.to_path_buf(), field, found, expected });
         }
         let map = std::sync::Arc::new(map);
         let l = header.layout;
         // Keys, values ([len, H, N, Dh]) and hidden states ([len, N, D]) all hold len·N·D values.
         let per_layer = l.len * l.tokens * l.dim;
         let n_values = if l.kind == CacheKind::Kv { header.depth } else { 0 };
-        let mut offset = hstart + hlen;
+        let payload = hstart + hlen;
+        let mut offset = payload;
         let mut section = |elems: usize| -> Result<Store, CacheError> {
             offset += (64 - offset % 64) % 64;
             let end = offset + elems * l.dtype.size();
-            if end > map.len() {
-                return Err(fmt(format!("truncated: needs {end} bytes, has {}", map.len())));
+            if end + 4 > map.len() {
+                return Err(fmt(format!("truncated: needs {} bytes, has {}", end + 4, map.len())));
             }
             let s = Store::Mapped { map: map.clone(), offset, elems, dtype: l.dtype };
             offset = end;
@@ -312,6 +352,13 @@ impl FeatureCache {
         let layers = (0..header.depth).map(|_| section(per_layer)).collect::<Result<Vec<_>, _>>()?;
         let values = (0..n_values).map(|_| section(per_layer)).collect::<Result<Vec<_>, _>>()?;
         let cls = section(l.len * l.dim)?;
+        if map.len() != offset + 4 {
+            return Err(fmt(format!("{} bytes, but its layout needs {}", map.len(), offset + 4)));
+        }
+        let stored = u32::from_le_bytes(map[offset..offset + 4].try_into().unwrap());
+        if crc32fast::hash(&map[payload..offset]) != stored {
+            return Err(fmt("the payload does not match its CRC-32 (damaged or overwritten): delete it or pass another path to rebuild".into()));
+        }
         Ok(FeatureCache { layout: l, layers, values, cls })
     }
 

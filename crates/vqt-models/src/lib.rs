@@ -2,6 +2,7 @@
 //! Burn backend (the backend is chosen by the [`burn::tensor::Device`] at run time).
 
 pub mod cache;
+pub mod check;
 pub mod drop_path;
 pub mod head;
 pub mod model;

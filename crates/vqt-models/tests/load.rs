@@ -144,6 +144,26 @@ fn wrong_shaped_and_missing_tensors_are_named() {
     let e = load_err(&tiny_a(), &gone, CheckpointFormat::Auto);
     assert!(e.contains("gone.safetensors: missing tensor `norm.bias`"), "{e}");
 
+    // A weight stored as int32 is named with its dtype, not called missing.
+    let int = d.join("int.safetensors");
+    {
+        let bytes = std::fs::read(fixture("tiny-a/vit.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| {
+                let dtype = if k == "norm.bias" { safetensors::Dtype::I32 } else { v.dtype() };
+                (k, dtype, v.shape().to_vec(), v.data().to_vec())
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> =
+            owned.iter().map(|(k, t, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*t, s.clone(), b).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &int).unwrap();
+    }
+    let e = load_err(&tiny_a(), &int, CheckpointFormat::Auto);
+    assert!(e.contains("int.safetensors: tensor `norm.bias` has dtype I32 (an integer/boolean tensor; weights must be"), "{e}");
+
     let alien = d.join("alien.safetensors");
     rewrite(&fixture("tiny-a/vit.safetensors"), &alien, |m| {
         *m = [("encoder.conv1.weight".to_string(), (vec![2], vec![1.0, 2.0]))].into_iter().collect();

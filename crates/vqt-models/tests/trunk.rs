@@ -98,14 +98,19 @@ fn training_leaves_the_backbone_and_its_outputs_bit_identical() {
     assert!(HostTensor::from_tensor(kv.cls) == HostTensor::from_tensor(before_trace.cls));
 }
 
-fn initial_model() -> (TrunkModel, Tensor<4>) {
+/// A fresh model with SynQT (`vqt = false`) or VQT on the query side, and its 8 images.
+fn initial_model(vqt: bool) -> (TrunkModel, Tensor<4>) {
     let plain = Device::flex();
     let ad = plain.clone().autodiff();
     plain.seed(7);
     let vit = tiny().init(&plain);
     let data = images(&plain, 8, 8);
-    let synqt = SynqtConfig { num_tokens: 2, feat_scale: 0.1, attn_scale: 1.0, ffn_scale: 0.1, dropout: 0.0, head_drop_path: 0.0, kem_drop_path: 0.0 };
-    let method = QueryMethod::Synqt(synqt.init(&vit, CLASSES, &ad));
+    let method = if vqt {
+        QueryMethod::Vqt(VqtConfig { num_queries: 2, query_dropout: 0.0 }.init(vit.depth(), vit.embed_dim(), 4, CLASSES, &ad))
+    } else {
+        let synqt = SynqtConfig { num_tokens: 2, feat_scale: 0.1, attn_scale: 1.0, ffn_scale: 0.1, dropout: 0.0, head_drop_path: 0.0, kem_drop_path: 0.0 };
+        QueryMethod::Synqt(synqt.init(&vit, CLASSES, &ad))
+    };
     (TrunkModel::new(vit, method), data)
 }
 
@@ -139,21 +144,24 @@ fn train_losses(mut model: TrunkModel, data: &Tensor<4>, cached: Option<(CacheKi
 
 #[test]
 fn cached_and_uncached_training_give_the_same_loss_curve() {
-    let (model, data) = initial_model();
-    let direct = train_losses(model.clone(), &data, None);
-    for (mode, tol) in [
-        ((CacheKind::Kv, CacheDtype::F32), 1e-5),
-        ((CacheKind::Hidden, CacheDtype::F32), 1e-5),
-        ((CacheKind::Kv, CacheDtype::F16), 5e-3),
-    ] {
-        let cached = train_losses(model.clone(), &data, Some(mode));
-        assert_eq!(cached.len(), direct.len());
-        for (i, (a, b)) in direct.iter().zip(&cached).enumerate() {
-            assert!((a - b).abs() <= tol, "{mode:?} step {i}: direct {a} vs cached {b}");
+    for vqt in [false, true] {
+        let name = if vqt { "vqt" } else { "synqt" };
+        let (model, data) = initial_model(vqt);
+        let direct = train_losses(model.clone(), &data, None);
+        for (mode, tol) in [
+            ((CacheKind::Kv, CacheDtype::F32), 1e-5),
+            ((CacheKind::Hidden, CacheDtype::F32), 1e-5),
+            ((CacheKind::Kv, CacheDtype::F16), 5e-3),
+        ] {
+            let cached = train_losses(model.clone(), &data, Some(mode));
+            assert_eq!(cached.len(), direct.len());
+            for (i, (a, b)) in direct.iter().zip(&cached).enumerate() {
+                assert!((a - b).abs() <= tol, "{name} {mode:?} step {i}: direct {a} vs cached {b}");
+            }
         }
+        // The curve moves: a cache that returned the same batch every time would not match this.
+        assert!(direct.first() != direct.last(), "{name}");
     }
-    // The curve moves: a cache that returned the same batch every time would not match this.
-    assert!(direct.first() != direct.last());
 }
 
 #[test]
@@ -212,9 +220,10 @@ fn cache_file_round_trip_and_errors() {
     for (kind, dtype) in [(CacheKind::Kv, CacheDtype::F32), (CacheKind::Hidden, CacheDtype::F16)] {
         let mem = FeatureCache::build(&vit, [data.clone()], kind, dtype, |_| {});
         let path = dir.join(format!("{kind:?}-{dtype:?}.cache"));
-        mem.save(&path, "ckpt=abc;img=16;imagenet").unwrap();
-        assert!(!path.with_extension("partial").exists());
-        let mapped = FeatureCache::open(&path, "ckpt=abc;img=16;imagenet").unwrap();
+        let key = serde_json::json!({"checkpoint": "sha256:abc", "img_size": 16, "normalization": "imagenet"});
+        mem.save(&path, &key).unwrap();
+        assert!(!dir.join(format!("{kind:?}-{dtype:?}.cache.partial")).exists());
+        let mapped = FeatureCache::open(&path, &key).unwrap();
         assert_eq!((mapped.len(), mapped.bytes(), mapped.kind(), mapped.dtype()), (6, mem.bytes(), kind, dtype));
         let rows = [5, 0, 3];
         let (a, b) = (mem.batch(&vit, &rows, &plain), mapped.batch(&vit, &rows, &plain));
@@ -223,15 +232,32 @@ fn cache_file_round_trip_and_errors() {
             assert!(HostTensor::from_tensor(ka) == HostTensor::from_tensor(kb));
             assert!(HostTensor::from_tensor(va) == HostTensor::from_tensor(vb));
         }
-        let e = FeatureCache::open(&path, "ckpt=def;img=16;imagenet").unwrap_err().to_string();
-        assert!(e.contains("cache was built for `ckpt=abc;img=16;imagenet`, this run needs `ckpt=def;img=16;imagenet`"), "{e}");
+        // Another input: the message names the field that differs, in one line.
+        let other = serde_json::json!({"checkpoint": "sha256:def", "img_size": 16, "normalization": "imagenet"});
+        let e = FeatureCache::open(&path, &other).unwrap_err().to_string();
+        assert!(e.contains("cache was built for another `checkpoint` (\"sha256:abc\"; this run: \"sha256:def\")") && !e.contains('\n'), "{e}");
         let bytes = std::fs::read(&path).unwrap();
         let cut = dir.join("cut.cache");
         std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
-        let e = FeatureCache::open(&cut, "ckpt=abc;img=16;imagenet").unwrap_err().to_string();
+        let e = FeatureCache::open(&cut, &key).unwrap_err().to_string();
         assert!(e.contains("cut.cache: not a vqt-rs feature cache: truncated"), "{e}");
+        // Zeros written over part of the payload (same length, valid header): the CRC catches it.
+        let mut zeroed = bytes.clone();
+        let n = zeroed.len();
+        zeroed[n / 2..n - 8].fill(0);
+        let z = dir.join("zeroed.cache");
+        std::fs::write(&z, &zeroed).unwrap();
+        let e = FeatureCache::open(&z, &key).unwrap_err().to_string();
+        assert!(e.contains("zeroed.cache: not a vqt-rs feature cache: the payload does not match its CRC-32"), "{e}");
+        // A file of the previous format is refused by its version, not misread.
+        let mut old = bytes.clone();
+        old[..10].copy_from_slice(b"VQTCACHE1\n");
+        let o = dir.join("old.cache");
+        std::fs::write(&o, &old).unwrap();
+        let e = FeatureCache::open(&o, &key).unwrap_err().to_string();
+        assert!(e.contains("format 1 (an older vqt-rs)"), "{e}");
     }
     let junk = dir.join("junk.cache");
     std::fs::write(&junk, b"hello world, not a cache").unwrap();
-    assert!(FeatureCache::open(&junk, "k").unwrap_err().to_string().contains("bad magic"));
+    assert!(FeatureCache::open(&junk, &serde_json::json!({})).unwrap_err().to_string().contains("bad magic"));
 }

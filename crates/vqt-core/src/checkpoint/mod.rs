@@ -123,6 +123,7 @@ pub fn load_checkpoint(path: &Path, format: CheckpointFormat) -> Result<TensorMa
         CheckpointFormat::HfDinov2 => SourceNaming::HfDinov2,
     };
     let casts = raw.casts_summary();
+    let non_float = raw.non_float.iter().map(|(k, d)| (k.strip_prefix("module.").unwrap_or(k).to_string(), d.clone())).collect();
     let mut dropped = BTreeMap::new();
     let tensors = match naming {
         SourceNaming::Timm => timm::convert(path, raw, &mut dropped)?,
@@ -132,7 +133,7 @@ pub fn load_checkpoint(path: &Path, format: CheckpointFormat) -> Result<TensorMa
     let sha256 = crate::hash::sha256_file(path).map_err(|e| CheckpointError::io(path, e))?;
     Ok(TensorMap {
         tensors,
-        provenance: Provenance { path: path.to_path_buf(), sha256, naming, dropped, casts },
+        provenance: Provenance { path: path.to_path_buf(), sha256, naming, dropped, casts, non_float },
     })
 }
 

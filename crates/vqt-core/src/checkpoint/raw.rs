@@ -12,6 +12,9 @@ pub struct RawTensors {
     pub tensors: BTreeMap<String, HostTensor>,
     /// How many tensors were cast from each non-f32 dtype.
     pub casts: BTreeMap<String, usize>,
+    /// Integer and boolean tensors (buffers such as HF `position_ids`, not weights), by source
+    /// name, with their dtype: skipped, but named if the model asks for one of them.
+    pub non_float: BTreeMap<String, String>,
 }
 
 impl RawTensors {
@@ -21,12 +24,20 @@ impl RawTensors {
 
     /// Removes and returns a tensor, or a `Missing` error naming what it was needed for.
     pub fn take(&mut self, path: &Path, key: &str, needed_for: &str) -> Result<HostTensor, CheckpointError> {
+        if let Some(dtype) = self.non_float.get(key) {
+            return Err(CheckpointError::Dtype { path: path.to_path_buf(), key: key.to_string(), dtype: not_a_weight(dtype) });
+        }
         self.tensors.remove(key).ok_or_else(|| CheckpointError::Missing {
             path: path.to_path_buf(),
             key: key.to_string(),
             needed_for: needed_for.to_string(),
         })
     }
+}
+
+/// How a weight stored as an integer or boolean tensor is described.
+pub fn not_a_weight(dtype: &str) -> String {
+    format!("{dtype} (an integer/boolean tensor; weights must be f32, f16, bf16 or f64)")
 }
 
 /// Reads the container named by the extension (or the format, for `.npz`).
@@ -75,7 +86,10 @@ fn read_safetensors(path: &Path) -> Result<RawTensors, CheckpointError> {
             Dtype::F16 => "f16",
             Dtype::BF16 => "bf16",
             // Integer tensors (e.g. HF `position_ids` buffers) are not weights: skip them.
-            Dtype::I64 | Dtype::I32 | Dtype::I16 | Dtype::I8 | Dtype::U8 | Dtype::BOOL => continue,
+            Dtype::I64 | Dtype::I32 | Dtype::I16 | Dtype::I8 | Dtype::U8 | Dtype::BOOL => {
+                out.non_float.insert(name, format!("{:?}", view.dtype()));
+                continue;
+            }
             other => {
                 return Err(CheckpointError::Dtype {
                     path: path.to_path_buf(),
@@ -117,7 +131,10 @@ fn read_pickle(path: &Path) -> Result<RawTensors, CheckpointError> {
             DType::F64 => "f64",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
-            DType::I64 | DType::I32 | DType::I16 | DType::I8 | DType::U8 | DType::U16 | DType::U32 | DType::U64 | DType::Bool => continue,
+            other @ (DType::I64 | DType::I32 | DType::I16 | DType::I8 | DType::U8 | DType::U16 | DType::U32 | DType::U64 | DType::Bool) => {
+                out.non_float.insert(name, format!("{other:?}"));
+                continue;
+            }
         };
         let bytes = t.read().map_err(|e| container(&e))?;
         if dtype != "f32" {

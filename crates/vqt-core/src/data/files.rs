@@ -121,6 +121,13 @@ pub fn read_noah_list(file: &Path) -> Result<Vec<Entry>, DataError> {
             .filter(|(r, _)| !r.trim().is_empty())
             .ok_or_else(|| fmt_err(file, format!("line {}: expected `path label`, found `{line}`", i + 1)))?;
         let label: usize = label.parse().map_err(|_| fmt_err(file, format!("line {}: label `{label}` is not a non-negative integer", i + 1)))?;
+        // `img.jpg 5 7` is a line with two labels, not the path `img.jpg 5`: a path may contain
+        // spaces, but not end in a separate number.
+        if let Some((_, last)) = rel.rsplit_once(|c: char| c.is_whitespace()) {
+            if last.parse::<usize>().is_ok() {
+                return Err(fmt_err(file, format!("line {}: `{line}` ends in two numbers: expected `path label`, one label per line", i + 1)));
+            }
+        }
         out.push(Entry { path: base.join(rel.trim()), label, origin: at });
     }
     Ok(out)
@@ -227,7 +234,11 @@ pub fn read_image_folder(root: &Path) -> Result<(Vec<Entry>, Vec<String>), DataE
 /// Decodes one image file to 8-bit grey or RGB.
 pub fn decode(path: &Path) -> Result<RawImage, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), error: source })?;
-    let img = image::load_from_memory(&bytes).map_err(|e| fmt_err(path, format!("cannot decode image: {e}")))?;
+    let img = image::load_from_memory(&bytes).map_err(|e| {
+        // The decoders' messages can span lines (a truncated JPEG): keep the error on one.
+        let msg = e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        fmt_err(path, format!("cannot decode image: {msg}"))
+    })?;
     let (width, height) = (img.width() as usize, img.height() as usize);
     let (channels, pixels): (usize, Vec<u8>) = match img.color().channel_count() {
         1 | 2 => (1, img.into_luma8().into_raw()),

@@ -183,23 +183,49 @@ impl Preprocess {
 
     /// A batch as `(values, [B, 3, S, S])`, evaluation transform.
     pub fn batch(&self, images: &[&RawImage]) -> (Vec<f32>, [usize; 4]) {
+        self.batch_on(images, 1)
+    }
+
+    /// [`Preprocess::batch`] with the images split over `threads` threads. Each image's values
+    /// depend only on the image, so the result is the same for every thread count.
+    pub fn batch_on(&self, images: &[&RawImage], threads: usize) -> (Vec<f32>, [usize; 4]) {
         let s = self.img_size;
-        let mut out = Vec::with_capacity(images.len() * 3 * s * s);
-        for img in images {
-            self.apply_into(img, &mut out);
-        }
-        (out, [images.len(), 3, s, s])
+        (fill_in_order(images, threads, 3 * s * s, |img, out| self.apply_into(img, out)), [images.len(), 3, s, s])
     }
 
     /// A training batch: each image with its augmentation seed.
     pub fn batch_train(&self, images: &[(&RawImage, u64)]) -> (Vec<f32>, [usize; 4]) {
-        let s = self.img_size;
-        let mut out = Vec::with_capacity(images.len() * 3 * s * s);
-        for (img, seed) in images {
-            self.apply_train_into(img, *seed, &mut out);
-        }
-        (out, [images.len(), 3, s, s])
+        self.batch_train_on(images, 1)
     }
+
+    /// [`Preprocess::batch_train`] on `threads` threads (same result for every thread count: each
+    /// image's augmentation is seeded by its own seed).
+    pub fn batch_train_on(&self, images: &[(&RawImage, u64)], threads: usize) -> (Vec<f32>, [usize; 4]) {
+        let s = self.img_size;
+        (fill_in_order(images, threads, 3 * s * s, |(img, seed), out| self.apply_train_into(img, *seed, out)), [images.len(), 3, s, s])
+    }
+}
+
+/// `f` applied to every item, the outputs concatenated in item order; the items are split into
+/// at most `threads` contiguous chunks processed in parallel (scoped threads).
+fn fill_in_order<T: Sync>(items: &[T], threads: usize, per_item: usize, f: impl Fn(&T, &mut Vec<f32>) + Sync) -> Vec<f32> {
+    let run = |chunk: &[T]| {
+        let mut out = Vec::with_capacity(chunk.len() * per_item);
+        chunk.iter().for_each(|x| f(x, &mut out));
+        out
+    };
+    if threads <= 1 || items.len() < 2 {
+        return run(items);
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items.chunks(chunk).map(|c| s.spawn(move || run(c))).collect();
+        let mut out = Vec::with_capacity(items.len() * per_item);
+        for p in parts {
+            out.extend(p.join().expect("preprocessing thread panicked"));
+        }
+        out
+    })
 }
 
 fn to_rgb32(img: &RawImage) -> Rgb32 {
@@ -376,6 +402,11 @@ mod tests {
         assert_eq!(a, p.batch_train(&[(&img, 5)]).0);
         // Evaluation stays the center crop.
         assert_eq!(p.batch(&[&img]).0, Preprocess { augment: Augment::None, ..p.clone() }.batch(&[&img]).0);
+        // Splitting a batch over threads changes nothing.
+        let imgs: Vec<(&RawImage, u64)> = (0..5).map(|i| (&img, i as u64)).collect();
+        assert_eq!(p.batch_train(&imgs), p.batch_train_on(&imgs, 3));
+        let plain: Vec<&RawImage> = imgs.iter().map(|(i, _)| *i).collect();
+        assert_eq!(p.batch(&plain), p.batch_on(&plain, 2));
     }
 
     #[test]

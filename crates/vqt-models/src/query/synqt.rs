@@ -44,6 +44,22 @@ pub struct SynqtConfig {
 fn default_dropout() -> f64 {
     0.1
 }
+
+impl SynqtConfig {
+    /// Range checks; the error names the key (`method.<field>`).
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::check::{finite, probability};
+        if self.num_tokens == 0 {
+            return Err("method.num_tokens must be at least 1".into());
+        }
+        finite("method.feat_scale", self.feat_scale)?;
+        finite("method.attn_scale", self.attn_scale)?;
+        finite("method.ffn_scale", self.ffn_scale)?;
+        probability("method.dropout", self.dropout)?;
+        probability("method.head_drop_path", self.head_drop_path)?;
+        probability("method.kem_drop_path", self.kem_drop_path)
+    }
+}
 fn default_head_drop_path() -> f64 {
     0.3
 }

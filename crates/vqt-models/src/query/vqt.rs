@@ -30,6 +30,16 @@ fn default_query_dropout() -> f64 {
     0.1
 }
 
+impl VqtConfig {
+    /// Range checks; the error names the key (`method.<field>`).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_queries == 0 {
+            return Err("method.num_queries must be at least 1".into());
+        }
+        crate::check::probability("method.query_dropout", self.query_dropout)
+    }
+}
+
 /// Learnable queries plus the concat-L2 linear head.
 #[derive(Module, Debug)]
 pub struct Vqt {

@@ -48,7 +48,8 @@ impl AdaptFormerConfig {
         if self.bottleneck == 0 {
             return Err("tuners.adaptformer.bottleneck must be at least 1".into());
         }
-        Ok(())
+        crate::check::finite("tuners.adaptformer.scale", self.scale)?;
+        crate::check::probability("tuners.adaptformer.dropout", self.dropout)
     }
 
     /// A fresh adapter for width `d`.

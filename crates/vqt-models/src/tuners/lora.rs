@@ -59,6 +59,11 @@ impl LoraConfig {
         if self.targets.is_empty() {
             return Err("tuners.lora.targets is empty: list any of \"q\", \"k\", \"v\"".into());
         }
+        if let Some(a) = self.alpha {
+            if !(a.is_finite() && a > 0.0) {
+                return Err(format!("tuners.lora.alpha = {a} must be a finite value > 0"));
+            }
+        }
         for t in &self.targets {
             if !["q", "k", "v"].contains(&t.as_str()) {
                 return Err(format!("tuners.lora.targets: `{t}` is not one of \"q\", \"k\", \"v\""));

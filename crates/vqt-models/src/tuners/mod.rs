@@ -127,6 +127,11 @@ impl TunersConfig {
         if let Some(a) = &self.adapter {
             a.validate()?;
         }
+        if let Some(s) = &self.ssf {
+            if !(s.init_std.is_finite() && s.init_std >= 0.0) {
+                return Err(format!("tuners.ssf.init_std = {} must be a finite value >= 0", s.init_std));
+            }
+        }
         Ok(())
     }
 

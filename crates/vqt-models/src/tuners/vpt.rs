@@ -43,7 +43,7 @@ impl VptConfig {
         if self.num_tokens == 0 {
             return Err("tuners.vpt.num_tokens must be at least 1".into());
         }
-        Ok(())
+        crate::check::probability("tuners.vpt.dropout", self.dropout)
     }
 
     /// Prompts `U(−a, a)`, `a = √(6/(3p² + D))` (the VPT init).

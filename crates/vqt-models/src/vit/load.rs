@@ -31,6 +31,16 @@ pub enum LoadError {
         /// The shape the model needs.
         expected: Vec<usize>,
     },
+    /// A tensor the model needs is stored with an integer or boolean dtype.
+    #[error("{path}: tensor `{key}` has dtype {dtype}")]
+    NotFloat {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The timm name.
+        key: String,
+        /// Its dtype, explained.
+        dtype: String,
+    },
     /// A tensor has the wrong shape for this model.
     #[error("{path}: tensor `{key}` has shape {found:?}, the model needs {expected:?}")]
     Shape {
@@ -117,6 +127,7 @@ pub fn default_resample(naming: SourceNaming) -> PosResample {
 
 struct Loader {
     tensors: BTreeMap<String, HostTensor>,
+    non_float: BTreeMap<String, String>,
     path: PathBuf,
     applied: Vec<String>,
     device: Device,
@@ -124,6 +135,9 @@ struct Loader {
 
 impl Loader {
     fn host(&mut self, key: &str, expected: &[usize]) -> Result<HostTensor, LoadError> {
+        if let Some(dtype) = self.non_float.get(key) {
+            return Err(LoadError::NotFloat { path: self.path.clone(), key: key.to_string(), dtype: vqt_core::checkpoint::raw::not_a_weight(dtype) });
+        }
         let t = self.tensors.remove(key).ok_or_else(|| LoadError::Missing {
             path: self.path.clone(),
             key: key.to_string(),
@@ -189,7 +203,7 @@ impl Vit {
             return Err(LoadError::Depth { path, found: found_depth, expected: self.depth() });
         }
         let device = self.cls_token.device();
-        let mut l = Loader { tensors, path: path.clone(), applied: Vec::new(), device };
+        let mut l = Loader { tensors, non_float: provenance.non_float.clone(), path: path.clone(), applied: Vec::new(), device };
         let d = self.embed_dim();
 
         let w = self.patch_embed.proj.weight.dims();
