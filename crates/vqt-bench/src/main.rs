@@ -175,6 +175,7 @@ fn method_list(methods: &str) -> Result<Vec<&str>> {
     if let Some(m) = list.iter().find(|m| !vqt_bench::bench::METHODS.contains(m)) {
         anyhow::bail!("unknown method `{m}` (known: {})", vqt_bench::bench::METHODS.join(", "));
     }
+    anyhow::ensure!(!list.is_empty(), "--methods `{methods}` names no method (known: {})", vqt_bench::bench::METHODS.join(", "));
     Ok(list)
 }
 

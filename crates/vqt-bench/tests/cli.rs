@@ -213,4 +213,10 @@ fn speed_measures_training_and_inference_per_method_in_child_processes() {
     let e = bench().args(["speed", "--methods", "linear,dora", "--out"]).arg(&prefix).output().unwrap();
     let err = String::from_utf8_lossy(&e.stderr);
     assert!(e.status.code() == Some(2) && err.contains("unknown method `dora`"), "{err}");
+    // No method at all is an error too, not an empty report.
+    let empty = prefix.with_file_name("empty");
+    let e = bench().args(["memory", "--methods", "", "--out"]).arg(&empty).output().unwrap();
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(e.status.code() == Some(2) && err.contains("names no method"), "{err}");
+    assert!(!empty.with_extension("json").exists());
 }

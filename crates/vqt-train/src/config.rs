@@ -281,7 +281,9 @@ pub struct TrainConfig {
     /// otherwise built and written there. Absent: the cache lives in RAM for the run only.
     #[serde(default)]
     pub cache_file: Option<PathBuf>,
-    /// Data-loader worker threads.
+    /// Threads that preprocess (resize, crop, normalise) the images of each batch, and decode the
+    /// dataset files at load time. Batches are prepared in order by one loader thread, so a
+    /// run's numbers do not depend on this value.
     #[serde(default = "default_workers")]
     pub num_workers: usize,
     /// Accumulate gradients over this many batches before each optimizer step (1 = off).
@@ -381,6 +383,22 @@ impl ExperimentConfig {
         if !(t.lr > 0.0 && t.lr <= 1.0) {
             return Err(format!("train.lr {} must be in (0, 1]", t.lr));
         }
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            return Err(format!("train.weight_decay = {} must be a finite value >= 0", t.weight_decay));
+        }
+        if !(t.adam_epsilon > 0.0 && t.adam_epsilon.is_finite()) {
+            return Err(format!("train.adam_epsilon = {} must be a finite value > 0", t.adam_epsilon));
+        }
+        if t.num_workers == 0 {
+            return Err("train.num_workers must be at least 1 (threads preprocessing each batch)".into());
+        }
+        vqt_models::check::probability("train.trunk_embed_dropout", t.trunk_embed_dropout)?;
+        vqt_models::check::probability("train.trunk_drop_path", t.trunk_drop_path)?;
+        match &self.method {
+            MethodConfig::Linear => {}
+            MethodConfig::Vqt(v) => v.validate()?,
+            MethodConfig::Synqt(s) => s.validate()?,
+        }
         let noisy = t.trunk_embed_dropout > 0.0 || t.trunk_drop_path > 0.0;
         if matches!(t.cache, CacheMode::Kv | CacheMode::Hidden) && noisy {
             return Err("train.trunk_embed_dropout / train.trunk_drop_path make the trunk random: set train.cache = \"off\"".into());
@@ -426,8 +444,12 @@ impl ExperimentConfig {
         if let Some(p) = &self.backbone.preset {
             vqt_models::VitPreset::from_name(p).map_err(|e| format!("backbone.preset: {e}"))?;
         }
+        if let Some(c) = &self.backbone.custom {
+            c.validate().map_err(|e| e.replace("backbone.", "backbone.custom."))?;
+        }
+        self.vit_config().validate()?;
         match &self.data {
-            DataConfig::Idx { train_range, val_range, num_classes, .. } => {
+            DataConfig::Idx { train_range, val_range, num_classes, test_limit, .. } => {
                 if *num_classes < 2 {
                     return Err("data.num_classes must be at least 2".into());
                 }
@@ -435,6 +457,14 @@ impl ExperimentConfig {
                     if r[0] >= r[1] {
                         return Err(format!("data.{name} {r:?} is empty"));
                     }
+                }
+                if train_range[0] < val_range[1] && val_range[0] < train_range[1] {
+                    return Err(format!(
+                        "data.train_range {train_range:?} and data.val_range {val_range:?} overlap: validation images would also be trained on"
+                    ));
+                }
+                if *test_limit == Some(0) {
+                    return Err("data.test_limit must be at least 1 (leave it out to use the whole test file)".into());
                 }
             }
             DataConfig::Vtab { task, num_classes, .. } => {

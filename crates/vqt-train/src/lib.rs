@@ -4,4 +4,5 @@ pub mod checkpoint;
 pub mod config;
 pub mod progress;
 pub mod run;
+pub mod rundir;
 pub mod tune;

@@ -50,9 +50,12 @@ enum Command {
         #[arg(long)]
         skip_bad: bool,
         /// Continue an interrupted run from the latest complete checkpoint in `<out>/checkpoint`
-        /// (same config and seed).
-        #[arg(long)]
+        /// (same config, seed, backend and precision: a difference is refused, naming the key).
+        #[arg(long, conflicts_with = "overwrite")]
         resume: bool,
+        /// Replace the run `--out` already holds (completed or interrupted) with a fresh one.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Build the training split's feature cache ahead of time into a file (memory-mapped by
     /// later runs whose config sets `train.cache_file` to it).
@@ -84,7 +87,8 @@ enum Command {
         out: PathBuf,
     },
     /// The VTAB-1k protocol: grid on train800 -> val200 (final epoch), best setting retrained on
-    /// train800val200 per seed, test scored once; writes `<out>/tune.{json,md}`.
+    /// train800val200 per seed, test scored once; writes `<out>/tune.{json,md}`. Rerunning it
+    /// reuses every finished run (same settings) and resumes interrupted ones.
     Tune {
         /// Base config with `[data] kind = "vtab"`.
         #[arg(long)]
@@ -138,6 +142,7 @@ fn run() -> Result<()> {
     let precision: Precision = cli.precision.parse().map_err(anyhow::Error::msg)?;
     let index = cli.device;
     anyhow::ensure!(cli.device.is_none() || cli.devices.is_empty(), "give --device N or --devices N,M,..., not both");
+    vqt_core::device::check_indices(backend, cli.device, &cli.devices).map_err(anyhow::Error::msg)?;
     let mut devices = Vec::new();
     for &i in &cli.devices {
         devices.push((i, device(backend, Some(i), precision)?));
@@ -163,7 +168,7 @@ fn run() -> Result<()> {
         }
         Command::Tune { config, overrides, tasks, grid, seeds, out } => {
             let device = device(backend, index, precision)?;
-            let r = vqt_train::tune::tune(&config, &overrides, &tasks, &grid, &seeds, backend.name(), &device, &vqt_train::run::TrainOptions { resume: false, device_index: index, precision, devices: devices.clone() }, &out)?;
+            let r = vqt_train::tune::tune(&config, &overrides, &tasks, &grid, &seeds, backend.name(), &device, &vqt_train::run::TrainOptions { resume: false, overwrite: false, device_index: index, precision, devices: devices.clone() }, &out)?;
             let md = vqt_train::tune::markdown(&r);
             std::fs::create_dir_all(&out)?;
             vqt_core::fs::write_atomic(&out.join("tune.json"), serde_json::to_string_pretty(&r)?.as_bytes())?;
@@ -177,7 +182,7 @@ fn run() -> Result<()> {
             println!("{}: {split:?} accuracy {acc:.2}% ({n} images) on {}", run.display(), backend.name());
             Ok(())
         }
-        Command::Train { config, mut overrides, out, seed, resume, skip_bad } => {
+        Command::Train { config, mut overrides, out, seed, resume, overwrite, skip_bad } => {
             if let Some(s) = seed {
                 overrides.push(format!("train.seed={s}"));
             }
@@ -186,7 +191,7 @@ fn run() -> Result<()> {
                 cfg.data.set_skip_bad().map_err(anyhow::Error::msg)?;
             }
             let device = device(backend, index, precision)?;
-            let opts = vqt_train::run::TrainOptions { resume, device_index: index, precision, devices };
+            let opts = vqt_train::run::TrainOptions { resume, overwrite, device_index: index, precision, devices };
             let r = vqt_train::run::train(&cfg, backend.name(), &device, &out, opts)?;
             println!(
                 "{} on {}: val {:.2}%, test {:.2}% ({} test images), {} trainable / {} params, {:.1}s -> {}",

@@ -42,12 +42,25 @@ pub struct EpochRenderer {
     current: EpochMetrics,
     epoch: usize,
     iteration: usize,
+    /// Training iterations seen in the current epoch.
+    epoch_iteration: usize,
+}
+
+/// Fault injection for the crash tests: `VQT_TEST_ABORT_AT=E:I` aborts the process (as a kill
+/// would: no unwinding, no flushing) when training reaches iteration I of epoch E.
+fn abort_at() -> Option<(usize, usize)> {
+    static AT: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        let v = std::env::var("VQT_TEST_ABORT_AT").ok()?;
+        let (e, i) = v.split_once(':')?;
+        Some((e.trim().parse().ok()?, i.trim().parse().ok()?))
+    })
 }
 
 impl EpochRenderer {
     /// A renderer that writes into `log` and stops `interrupter` on a non-finite loss.
     pub fn new(log: Arc<Mutex<RunLog>>, interrupter: Interrupter, inner: Option<Box<dyn MetricsRenderer>>) -> Self {
-        Self { log, interrupter, inner, names: HashMap::new(), current: EpochMetrics::default(), epoch: 1, iteration: 0 }
+        Self { log, interrupter, inner, names: HashMap::new(), current: EpochMetrics::default(), epoch: 1, iteration: 0, epoch_iteration: 0 }
     }
 
     fn record(&mut self, state: &MetricState, train: bool) {
@@ -60,6 +73,11 @@ impl EpochRenderer {
             }
             NumericEntry::Value(v) | NumericEntry::Aggregated { aggregated_value: v, .. } if train && name == "Loss" => {
                 self.iteration += 1;
+                self.epoch_iteration += 1;
+                if abort_at() == Some((self.epoch, self.epoch_iteration)) {
+                    eprintln!("VQT_TEST_ABORT_AT: aborting at epoch {}, iteration {}", self.epoch, self.epoch_iteration);
+                    std::process::abort();
+                }
                 if !v.is_finite() {
                     let mut log = self.log.lock().expect("run log");
                     if log.non_finite.is_none() {
@@ -131,6 +149,7 @@ impl TrainingProgressLogger for EpochRenderer {
             }
         }
         self.epoch += 1;
+        self.epoch_iteration = 0;
         if let Some(i) = self.inner.as_mut() {
             i.update_epoch(epoch);
         }

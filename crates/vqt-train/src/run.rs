@@ -16,11 +16,12 @@ use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn::train::checkpoint::{FileCheckpointer, KeepLastNCheckpoints};
+use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::{AccuracyMetric, LearningRateMetric, LossMetric};
 use burn::train::renderer::MetricsRenderer;
 use burn::train::{ExecutionStrategy, Learner, MultiDeviceOptim, SupervisedTraining};
-use crate::checkpoint::TrainableCheckpointer;
+use crate::checkpoint::{StateCheckpointer, TrainableCheckpointer};
+use crate::rundir::{RunState, RUN_FILE};
 use crate::progress::{EpochMetrics, EpochRenderer, RunLog};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -58,6 +59,8 @@ pub enum TrunkBatcher {
         pre: Preprocess,
         /// `Some(run seed)`: apply the training augmentation, seeded per (seed, epoch, row).
         augment_seed: Option<u64>,
+        /// Threads preprocessing one batch (`train.num_workers`); the result does not depend on it.
+        threads: usize,
     },
     /// Rows of a feature cache.
     Cached {
@@ -73,13 +76,13 @@ impl Batcher<Item, TrunkBatch> for TrunkBatcher {
         let labels: Vec<i64> = items.iter().map(|i| i.label as i64).collect();
         let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [items.len()]), device);
         let input = match self {
-            TrunkBatcher::Images { samples, pre, augment_seed } => {
+            TrunkBatcher::Images { samples, pre, augment_seed, threads } => {
                 let (values, shape) = match augment_seed {
                     Some(seed) => {
                         let imgs: Vec<_> = items.iter().map(|i| (&samples[i.row].image, augment_seed_for(*seed, i.epoch, i.row))).collect();
-                        pre.batch_train(&imgs)
+                        pre.batch_train_on(&imgs, *threads)
                     }
-                    None => pre.batch(&items.iter().map(|i| &samples[i.row].image).collect::<Vec<_>>()),
+                    None => pre.batch_on(&items.iter().map(|i| &samples[i.row].image).collect::<Vec<_>>(), *threads),
                 };
                 TrunkInput::Images(Tensor::from_data(TensorData::new(values, shape), &device.clone().without_autodiff()))
             }
@@ -240,8 +243,13 @@ pub struct CacheRecord {
     pub dtype: String,
     /// Host bytes.
     pub bytes: usize,
-    /// Seconds to build (one trunk pass over the training split).
+    /// Seconds to build (one trunk pass over the training split), or to open and verify a
+    /// cache file.
     pub build_seconds: f64,
+    /// True when the cache was read from `train.cache_file` (built by an earlier run or
+    /// `vqt-train cache`), false when this run built it.
+    #[serde(default)]
+    pub from_file: bool,
 }
 
 fn split(samples: &[Sample], range: [usize; 2], what: &str, path: &Path) -> Result<Vec<Sample>> {
@@ -312,6 +320,12 @@ pub fn load_data(data: &DataConfig, threads: usize) -> Result<Splits> {
             let val = split(&all_train, *val_range, "val_range", train_images)?;
             let mut test = vqt_core::data::idx::read_idx_pair(test_images, test_labels, *num_classes)?;
             if let Some(n) = test_limit {
+                anyhow::ensure!(
+                    *n <= test.len(),
+                    "{}: data.test_limit = {n} exceeds the {} images in the file",
+                    test_images.display(),
+                    test.len()
+                );
                 test.truncate(*n);
             }
             Ok((train, val, test, *num_classes, skipped))
@@ -367,8 +381,8 @@ impl Prepared {
         }
     }
 
-    fn image_batcher(&self, s: &Arc<Vec<Sample>>) -> TrunkBatcher {
-        TrunkBatcher::Images { samples: s.clone(), pre: self.pre.clone(), augment_seed: None }
+    fn image_batcher(&self, s: &Arc<Vec<Sample>>, threads: usize) -> TrunkBatcher {
+        TrunkBatcher::Images { samples: s.clone(), pre: self.pre.clone(), augment_seed: None, threads }
     }
 }
 
@@ -416,21 +430,45 @@ pub fn prepare(cfg: &ExperimentConfig, device: &Device) -> Result<Prepared> {
     Ok(Prepared { train_set, val_set, test_set, pre, model, checkpoint, num_classes, skipped })
 }
 
-/// What a feature cache is valid for: checkpoint identity (or the seed of a random backbone),
-/// backbone shape, training split, input pipeline, cache kind and dtype.
-pub fn cache_key(cfg: &ExperimentConfig, prep: &Prepared, kind: CacheKind) -> String {
-    let ckpt = match &prep.checkpoint {
+/// What a feature cache is valid for, one field per input; [`FeatureCache::open`] compares them
+/// field by field and names the first that differs. Serialised as JSON into the cache header
+/// (never `Debug` output, which is not a stable format).
+#[derive(Serialize)]
+pub struct CacheKey<'a> {
+    /// `sha256:<hex>` of the checkpoint file, or `random-init-seed:<seed>` for a random backbone.
+    pub checkpoint: String,
+    /// The backbone's shape at this input size.
+    pub backbone: vqt_models::VitConfig,
+    /// sha256 of the decoded training split (every image's pixels and label, in order): a data
+    /// file changed in place changes it, a moved one does not.
+    pub train_data_sha256: String,
+    /// Images in the training split.
+    pub train_images: usize,
+    /// The input pipeline.
+    pub preprocess: &'a Preprocess,
+    /// `kv` or `hidden`.
+    pub kind: CacheKind,
+    /// Storage dtype.
+    pub dtype: vqt_models::cache::CacheDtype,
+}
+
+/// The cache key of `cfg`'s training split (hashes the decoded split: a fraction of a second per
+/// thousand 224-px images).
+pub fn cache_key(cfg: &ExperimentConfig, prep: &Prepared, kind: CacheKind) -> serde_json::Value {
+    let checkpoint = match &prep.checkpoint {
         Some(c) => format!("sha256:{}", c.sha256),
         None => format!("random-init-seed:{}", cfg.train.seed),
     };
-    format!(
-        "{ckpt};vit={:?};data={};pre={};kind={:?};dtype={:?}",
-        cfg.vit_config(),
-        serde_json::to_string(&cfg.data).expect("data config serialises"),
-        serde_json::to_string(&prep.pre).expect("preprocess serialises"),
+    let key = CacheKey {
+        checkpoint,
+        backbone: cfg.vit_config(),
+        train_data_sha256: vqt_core::hash::sha256_samples(&prep.train_set),
+        train_images: prep.train_set.len(),
+        preprocess: &prep.pre,
         kind,
-        cfg.train.cache_dtype
-    )
+        dtype: cfg.train.cache_dtype,
+    };
+    serde_json::to_value(&key).expect("cache key serialises")
 }
 
 /// Builds the feature cache of the training split (one trunk pass, with a progress bar).
@@ -450,6 +488,7 @@ fn build_cache(prep: &Prepared, cfg: &ExperimentConfig, kind: CacheKind, plain: 
 fn cache_batcher(prep: &Prepared, cfg: &ExperimentConfig, plain: &Device) -> Result<Option<(TrunkBatcher, CacheRecord)>> {
     let Some(kind) = cfg.train.cache.kind(cfg.trunk_is_constant()) else { return Ok(None) };
     let tc = Instant::now();
+    let from_file = cfg.train.cache_file.as_ref().is_some_and(|p| p.exists());
     let cache = match &cfg.train.cache_file {
         Some(path) if path.exists() => FeatureCache::open(path, &cache_key(cfg, prep, kind))?,
         Some(path) => {
@@ -464,6 +503,7 @@ fn cache_batcher(prep: &Prepared, cfg: &ExperimentConfig, plain: &Device) -> Res
         dtype: format!("{:?}", cfg.train.cache_dtype).to_lowercase(),
         bytes: cache.bytes(),
         build_seconds: tc.elapsed().as_secs_f64(),
+        from_file,
     };
     Ok(Some((TrunkBatcher::Cached { cache: Arc::new(cache), vit: Arc::new(prep.model.backbone.clone()) }, rec)))
 }
@@ -534,8 +574,11 @@ pub const TRAINABLE_FILE: &str = "trainable.safetensors";
 /// How to start training.
 #[derive(Clone, Debug, Default)]
 pub struct TrainOptions {
-    /// Continue from the latest complete checkpoint in `<out>/checkpoint`.
+    /// Continue from the latest usable checkpoint in `<out>/checkpoint` (the run's recorded
+    /// settings must match).
     pub resume: bool,
+    /// Replace whatever run `out` holds (completed or interrupted) with a fresh one.
+    pub overwrite: bool,
     /// Device index, for the record.
     pub device_index: Option<usize>,
     /// The precision the device was configured with, for the record and the f16 checks.
@@ -597,7 +640,18 @@ impl Stages<'_> {
     /// The epoch the stage in `dir` continues after with `--resume` (`None`: from scratch;
     /// `Some(train.epochs)`: it is complete and is only reloaded).
     fn start(&self, dir: &Path) -> Option<usize> {
-        self.opts.resume.then(|| TrainableCheckpointer::latest(&dir.join("checkpoint"))).flatten()
+        self.opts.resume.then(|| Self::usable(&dir.join("checkpoint"))).flatten()
+    }
+
+    /// The newest usable checkpoint in `ckpt_dir`; newer damaged ones are reported in one line
+    /// each and skipped.
+    fn usable(ckpt_dir: &Path) -> Option<usize> {
+        let scan = TrainableCheckpointer::scan(ckpt_dir);
+        for (epoch, why) in &scan.damaged {
+            let fallback = scan.usable.map_or("no earlier usable checkpoint".to_string(), |e| format!("falling back to epoch {e}"));
+            eprintln!("warning: {}: the checkpoint of epoch {epoch} is unusable ({why}); {fallback}", ckpt_dir.display());
+        }
+        scan.usable
     }
 
     /// Trains `model` for `train.epochs` epochs at peak rate `lr` with burn-train's learner;
@@ -622,13 +676,17 @@ impl Stages<'_> {
             return Ok(Trained { model, epochs: previous(t.epochs)?, resumed_from: start });
         }
 
+        // One loader thread, so batches arrive in the order of the epoch's shuffle: burn's
+        // multi-worker loader hands each worker a slice of the split and delivers whichever batch
+        // is ready first, which made the update order (and the results) vary from run to run.
+        // `train.num_workers` threads preprocess the images of each batch instead (in order).
         let loader_train = DataLoaderBuilder::new(SeededBatcher { inner: self.train_batcher.clone(), seed: t.seed })
             .batch_size(t.batch_size)
-            .num_workers(t.num_workers)
+            .num_workers(1)
             .build(EpochShuffled::new(self.train_items.clone(), t.seed, start.unwrap_or(0)));
         let loader_valid = DataLoaderBuilder::new(self.val_batcher.clone())
             .batch_size(t.batch_size)
-            .num_workers(t.num_workers)
+            .num_workers(1)
             .build(InMemDataset::new(self.val_items.clone()));
 
         // Optimiser and schedule (per iteration: linear warm-up, then cosine to 0).
@@ -668,8 +726,8 @@ impl Stages<'_> {
             .with_application_logger(None)
             .with_custom_checkpointers(
                 TrainableCheckpointer::new(&ckpt_dir, template.clone()),
-                FileCheckpointer::new(&ckpt_dir, "optim"),
-                FileCheckpointer::new(&ckpt_dir, "scheduler"),
+                StateCheckpointer::new(&ckpt_dir, crate::checkpoint::OPTIM),
+                StateCheckpointer::new(&ckpt_dir, crate::checkpoint::SCHEDULER),
             )
             .with_checkpointing_strategy(KeepLastNCheckpoints::new(2));
         if t.grad_accumulation > 1 {
@@ -727,20 +785,39 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
     let t = &cfg.train;
     let h2t_dir = out.join(HEAD2TOE_DIR);
     let (compress_dir, featselect_dir) = (h2t_dir.join("compress"), h2t_dir.join("featselect"));
-    if opts.resume {
-        let ckpt_dir = out.join("checkpoint");
-        anyhow::ensure!(
-            TrainableCheckpointer::latest(&ckpt_dir).is_some(),
-            "{}: --resume found no complete checkpoint to continue from",
-            ckpt_dir.display()
-        );
-        let last = if cfg.head2toe.is_some() { featselect_dir.join("checkpoint") } else { ckpt_dir };
-        anyhow::ensure!(
-            TrainableCheckpointer::latest(&last).is_none_or(|e| e < t.epochs),
-            "{}: the run already completed all {} epochs",
-            last.display(),
-            t.epochs
-        );
+    let _lock = crate::rundir::lock(out)?;
+    let identity = crate::rundir::RunIdentity::new(cfg, backend, opts.precision.name(), opts.devices.len());
+    let stage_dirs = [h2t_dir.clone()];
+    match (crate::rundir::state(out), opts.resume) {
+        (RunState::Complete, true) => anyhow::bail!(
+            "{}: the run already completed all {} epochs{} ({})",
+            out.display(),
+            t.epochs,
+            if cfg.head2toe.is_some() { format!(" of its last stage, {}", featselect_dir.display()) } else { String::new() },
+            out.join(RUN_FILE).display()
+        ),
+        (RunState::Empty, true) => anyhow::bail!("{}: --resume found no complete checkpoint to continue from", out.join("checkpoint").display()),
+        (RunState::Interrupted, true) => {
+            identity.check_resume(out)?;
+            // Every stage's checkpoint folder is checked when it starts; the first one must
+            // hold a usable epoch, or there is nothing to resume.
+            let ckpt_dir = out.join("checkpoint");
+            let scan = TrainableCheckpointer::scan(&ckpt_dir);
+            if scan.usable.is_none() {
+                let why = scan.damaged.first().map(|(e, w)| format!(" (epoch {e}: {w})")).unwrap_or_default();
+                anyhow::bail!("{}: --resume found no complete checkpoint to continue from{why}; start afresh with --overwrite", ckpt_dir.display());
+            }
+        }
+        (RunState::Complete, false) if !opts.overwrite => anyhow::bail!(
+            "{}: holds a completed run ({}): pass --overwrite to replace it, or another --out",
+            out.display(),
+            out.join(RUN_FILE).display()
+        ),
+        (RunState::Interrupted, false) if !opts.overwrite => anyhow::bail!(
+            "{}: holds an interrupted run: pass --resume to continue it, or --overwrite to start afresh",
+            out.display()
+        ),
+        (_, false) => {}
     }
     if opts.precision == vqt_core::device::Precision::F16
         && matches!(t.optimizer, OptimizerKind::Adam | OptimizerKind::Adamw)
@@ -752,27 +829,31 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
         );
     }
     let prep = prepare(cfg, device)?;
-    if !opts.resume {
-        // A fresh run must not pick up stale checkpoints of an earlier one.
-        for stale in [out.join("checkpoint"), h2t_dir.clone()] {
-            if stale.exists() {
-                std::fs::remove_dir_all(&stale).with_context(|| stale.display().to_string())?;
-            }
-        }
-    }
 
     let (train_batcher, cache_record) = match cache_batcher(&prep, cfg, &plain)? {
         Some((b, r)) => (b, Some(r)),
         None => (
-            TrunkBatcher::Images { samples: prep.train_set.clone(), pre: prep.pre.clone(), augment_seed: prep.pre.is_random().then_some(t.seed) },
+            TrunkBatcher::Images {
+                samples: prep.train_set.clone(),
+                pre: prep.pre.clone(),
+                augment_seed: prep.pre.is_random().then_some(t.seed),
+                threads: t.num_workers.max(1),
+            },
             None,
         ),
     };
+    if !opts.resume {
+        // A fresh run: nothing of an earlier one may be picked up. Recorded only now that the
+        // data, the model and the cache are ready, so a run that fails before training leaves
+        // nothing behind.
+        crate::rundir::clear(out, &stage_dirs)?;
+        identity.write(out)?;
+    }
     let stages = Stages {
         cfg,
         opts: &opts,
         train_batcher,
-        val_batcher: prep.image_batcher(&prep.val_set),
+        val_batcher: prep.image_batcher(&prep.val_set, t.num_workers.max(1)),
         train_items: items(&prep.train_set),
         val_items: items(&prep.val_set),
         ad: ad.clone(),
@@ -819,7 +900,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
     // Final evaluation: validation and test once, at the last epoch.
     let eval_model = model.valid();
     let val_accuracy = stages.val_accuracy(&model);
-    let test_accuracy = accuracy(&eval_model, &prep.image_batcher(&prep.test_set), &items(&prep.test_set), t.batch_size, &plain);
+    let test_accuracy = accuracy(&eval_model, &prep.image_batcher(&prep.test_set, t.num_workers.max(1)), &items(&prep.test_set), t.batch_size, &plain);
     let record = RunRecord {
         config: cfg.clone(),
         backend: backend.to_string(),
@@ -846,9 +927,35 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
         allocator: vqt_core::mem::allocator_in_effect().into(),
         git_revision: git_revision(),
     };
-    let path = out.join("run.json");
+    let path = out.join(RUN_FILE);
     vqt_core::fs::write_atomic(&path, serde_json::to_string_pretty(&record)?.as_bytes()).with_context(|| path.display().to_string())?;
     Ok(record)
+}
+
+/// Runs the experiment as an idempotent job: a complete run in `out` (same settings, checked
+/// like `--resume`) is read back, not retrained; an interrupted one is resumed from its newest
+/// usable checkpoint, or restarted if it has none; an empty `out` starts a fresh run. `out` is
+/// the job's only state, so a job can be run any number of times, in any order.
+pub fn train_or_reuse(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path, opts: TrainOptions) -> Result<RunRecord> {
+    let identity = crate::rundir::RunIdentity::new(cfg, backend, opts.precision.name(), opts.devices.len());
+    match crate::rundir::state(out) {
+        RunState::Complete => {
+            identity.check_resume(out)?;
+            read_record(out)
+        }
+        RunState::Interrupted => {
+            let resumable = Stages::usable(&out.join("checkpoint")).is_some();
+            train(cfg, backend, device, out, TrainOptions { resume: resumable, overwrite: !resumable, ..opts })
+        }
+        RunState::Empty => train(cfg, backend, device, out, TrainOptions { resume: false, ..opts }),
+    }
+}
+
+/// Reads `<run_dir>/run.json`.
+pub fn read_record(run_dir: &Path) -> Result<RunRecord> {
+    let rpath = run_dir.join(RUN_FILE);
+    let text = std::fs::read_to_string(&rpath).with_context(|| rpath.display().to_string())?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", rpath.display()))
 }
 
 /// burn-train's terminal UI when stdout is a terminal; `None` (line-per-epoch logs) otherwise.
@@ -873,9 +980,8 @@ pub enum EvalSplit {
 /// Accuracy (%) of the saved run in `run_dir` (its `run.json` config and trainable parameters)
 /// on `split`.
 pub fn evaluate(run_dir: &Path, split: EvalSplit, device: &Device) -> Result<(f64, usize)> {
-    let rpath = run_dir.join("run.json");
-    let text = std::fs::read_to_string(&rpath).with_context(|| rpath.display().to_string())?;
-    let rec: RunRecord = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", rpath.display()))?;
+    let rpath = run_dir.join(RUN_FILE);
+    let rec = read_record(run_dir)?;
     let cfg = rec.config;
     cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", rpath.display()))?;
     let prep = prepare(&cfg, device)?;
@@ -887,6 +993,6 @@ pub fn evaluate(run_dir: &Path, split: EvalSplit, device: &Device) -> Result<(f6
     }
     let set = prep.split(split);
     let plain = device.clone().without_autodiff();
-    let acc = accuracy(&model.valid(), &prep.image_batcher(set), &items(set), cfg.train.batch_size, &plain);
+    let acc = accuracy(&model.valid(), &prep.image_batcher(set, cfg.train.num_workers.max(1)), &items(set), cfg.train.batch_size, &plain);
     Ok((acc, set.len()))
 }

@@ -8,7 +8,7 @@
 //! the mean of the group means (the two VTAB averaging conventions, labelled).
 
 use crate::config::{self, DataConfig, ExperimentConfig};
-use crate::run::{train, TrainOptions};
+use crate::run::TrainOptions;
 use anyhow::{Context, Result};
 use burn::tensor::Device;
 use serde::Serialize;
@@ -99,7 +99,7 @@ pub fn tune(config_path: &Path, overrides: &[String], tasks: &[String], axes: &[
         o.extend(split_overrides.iter().cloned());
         o.extend(extra.iter().cloned());
         let cfg: ExperimentConfig = config::load(config_path, &o)?;
-        train(&cfg, backend, device, &dir, opts.clone()).with_context(|| format!("{task} {}", extra.join(" ")))
+        crate::run::train_or_reuse(&cfg, backend, device, &dir, opts.clone()).with_context(|| format!("{task} {}", extra.join(" ")))
     };
     let mut results = Vec::new();
     for task in tasks {

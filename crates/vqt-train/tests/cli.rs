@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+static ERR_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vqt-train"))
 }
@@ -53,6 +55,7 @@ fn dataset(dir: &Path, n: usize, name: &str) {
 }
 
 fn config(dir: &Path, method: &str, cache: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     dataset(dir, 60, "train");
     dataset(dir, 30, "test");
     let ckpt = root().join("fixtures/tiny-a/vit.safetensors");
@@ -137,11 +140,22 @@ fn synqt_trains_without_cache_on_wgpu() {
     assert_eq!(rec["config"]["train"]["epochs"], 2);
     assert_eq!(rec["method"], "synqt");
     assert!(rec["cache"].is_null());
-    assert!(rec["test_accuracy"].as_f64().unwrap() >= 0.0);
+    // The recorded accuracy is a real score of the saved model: `eval` on the same backend
+    // rebuilds the model from run.json and the trainable file and gets the same number.
+    let acc = rec["test_accuracy"].as_f64().unwrap();
+    let run = std::env::temp_dir().join(format!("vqt-train-cli-synqt-wgpu-{}", std::process::id())).join("run");
+    let o = bin().args(["eval", "--backend", "wgpu-cpu", "--run"]).arg(&run).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = format!("Test accuracy {acc:.2}% (30 images)");
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&want), "{} lacks {want}", String::from_utf8_lossy(&o.stdout));
 }
 
 fn err_of(args: &[&str]) -> String {
-    let o = bin().args(args).output().unwrap();
+    // In a fresh working directory, so the default `--out runs/latest` of one test never meets
+    // another test's run.
+    let cwd = std::env::temp_dir().join(format!("vqt-train-cli-cwd-{}-{}", std::process::id(), ERR_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+    std::fs::create_dir_all(&cwd).unwrap();
+    let o = bin().current_dir(&cwd).args(args).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{args:?}");
     let e = String::from_utf8_lossy(&o.stderr).to_string();
     assert_eq!(e.trim_end().lines().count(), 1, "not one line: {e}");
@@ -178,7 +192,7 @@ fn bad_input_is_one_line_with_exit_code_2() {
     assert!(e.contains("exp.toml: backbone.resize_size 28 is smaller than img_size 32"), "{e}");
     let e = err_of(&["train", "--config", cfg_s, "--set", "backbone.augment=\"mixup\""]);
     assert!(e.contains("exp.toml") && e.contains("mixup"), "{e}");
-    let e = err_of(&["train", "--config", cfg_s, "--set", "data.train_range=[0, 500]"]);
+    let e = err_of(&["train", "--config", cfg_s, "--set", "data.train_range=[0, 500]", "--set", "data.val_range=[500, 510]"]);
     assert!(e.contains("data.train_range [0, 500] exceeds the 60 images"), "{e}");
 }
 
@@ -216,8 +230,11 @@ fn an_interrupted_augmented_adaptformer_run_resumes_to_the_same_result_and_evalu
     // the resumed run must see the same ones.
     let aug = ["--set", "train.epochs=4", "--set", "backbone.resize_size=40", "--set", "backbone.augment=\"crop-flip\"", "--set", "tuners.adaptformer.dropout=0.1"];
     let full = train_in("resume-full", &cfg, &out, "cpu", &aug);
-    let plain = train_in("resume-plain", &cfg, &d.join("plain"), "cpu", &["--set", "train.epochs=1", "--set", "backbone.resize_size=40"]);
-    assert_ne!(epoch_losses(&plain)[0], epoch_losses(&full)[0], "augmentation changes the training batches");
+    // The same run without augmentation (and nothing else changed) sees other training batches.
+    let plain = train_in("resume-plain", &cfg, &d.join("plain"), "cpu", &[&aug[..4], &aug[6..]].concat());
+    assert_eq!(plain["config"]["backbone"]["augment"], "none");
+    assert_eq!(full["config"]["tuners"], plain["config"]["tuners"]);
+    assert_ne!(epoch_losses(&plain)[0].0, epoch_losses(&full)[0].0, "augmentation changes the training batches");
     let epochs = full["epochs"].as_array().unwrap();
     assert_eq!(epochs.len(), 4);
     assert!(epochs[0]["train"]["lr"].as_f64().is_some() && epochs[3]["valid"]["accuracy"].as_f64().is_some(), "{}", full["epochs"]);
@@ -319,16 +336,43 @@ fn cache_subcommand_builds_a_file_that_training_reuses_and_extract_writes_featur
     let o = bin().args(["cache", "--config"]).arg(&cfg).args(["--set", &set]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("feature cache of 48 images"));
+    let built = std::fs::read(&cache).unwrap();
+    let mtime = std::fs::metadata(&cache).unwrap().modified().unwrap();
     let rec = train_in("cachefile-train", &cfg, &d.join("run"), "cpu", &["--set", &set, "--set", "train.epochs=2"]);
     assert_eq!(rec["cache"]["mode"], "kv");
     assert_eq!(rec["cache"]["bytes"].as_u64().unwrap() as usize, 48 * (4 * 2 * 17 * 64 + 64) * 4);
+    // The run read the file (it did not rebuild or rewrite it) and trains exactly as a run that
+    // builds its own cache in memory.
+    assert_eq!(rec["cache"]["from_file"], true);
+    assert_eq!(std::fs::metadata(&cache).unwrap().modified().unwrap(), mtime);
+    assert_eq!(std::fs::read(&cache).unwrap(), built);
+    let own = train_in("cachefile-own", &cfg, &d.join("own"), "cpu", &["--set", "train.epochs=2"]);
+    assert_eq!(own["cache"]["from_file"], false);
+    assert_eq!(epoch_losses(&own), epoch_losses(&rec));
+    let last = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).trim_end().lines().last().unwrap_or("").to_string();
     // A cache built for another preprocessing is refused with a one-line error naming the file
-    // (after the checkpoint's load report on stderr).
-    let o = bin().args(["train", "--config"]).arg(&cfg).args(["--set", &set, "--set", "backbone.resize=\"nearest\""]).output().unwrap();
+    // and the differing field (after the checkpoint's load report on stderr).
+    let o = bin().args(["train", "--config"]).arg(&cfg).args(["--set", &set, "--set", "backbone.resize=\"nearest\"", "--out"]).arg(d.join("nearest")).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    let e = stderr.trim_end().lines().last().unwrap();
-    assert!(e.starts_with("error: ") && e.contains("train.kvcache: cache was built for") && e.contains("\"resize\":\"nearest\""), "{e}");
+    let e = last(&o);
+    assert!(e.starts_with("error: ") && e.contains("train.kvcache: cache was built for another `preprocess`") && e.contains("nearest"), "{e}");
+    // A training file changed in place (same path, other images) no longer matches the cache.
+    dataset(&d, 61, "train"); // other pixels, same first 60 labels' layout
+    let o = bin().args(["train", "--config"]).arg(&cfg).args(["--set", &set, "--out"]).arg(d.join("changed")).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = last(&o);
+    assert!(e.contains("cache was built for another `train_data_sha256`"), "{e}");
+    dataset(&d, 60, "train"); // the original files again
+    // Zeros over the second half of the file (a valid header, the right length): the payload's
+    // checksum refuses it.
+    let mut zeroed = built.clone();
+    let n = zeroed.len();
+    zeroed[n / 2..n - 8].fill(0);
+    std::fs::write(&cache, &zeroed).unwrap();
+    let o = bin().args(["train", "--config"]).arg(&cfg).args(["--set", &set, "--out"]).arg(d.join("zeroed")).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(last(&o).contains("the payload does not match its CRC-32"), "{}", last(&o));
+    std::fs::write(&cache, &built).unwrap();
     // A tuned trunk has no cache to build.
     let e = err_of(&["cache", "--config", cfg.to_str().unwrap(), "--out", "/tmp/x", "--set", "train.cache=\"auto\"", "--set", "tuners.bitfit=true"]);
     assert!(e.contains("not frozen and deterministic"), "{e}");
@@ -571,4 +615,249 @@ fn head2toe_selects_features_in_two_stages_resumes_and_evaluates() {
     assert!(e.contains("head2toe") && e.contains("tuners.lora"), "{e}");
     let e = err_of(&["train", "--config", c, "--set", "head2toe.keep=0.5", "--set", "head2toe.lam=1"]);
     assert!(e.contains("lam"), "{e}");
+}
+
+/// `(every trainable tensor's name and bytes, epochs.json text)` of a finished run.
+fn run_bytes(out: &Path) -> (Vec<(String, Vec<u8>)>, String) {
+    let bytes = std::fs::read(out.join("trainable.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(k, v)| (k, v.data().to_vec())).collect();
+    tensors.sort();
+    assert!(!tensors.is_empty());
+    (tensors, std::fs::read_to_string(out.join("epochs.json")).unwrap())
+}
+
+#[test]
+fn the_same_seed_gives_the_same_bytes_whatever_num_workers_is() {
+    // A tuned method with adapter dropout and augmentation (randomness in the loader and in the
+    // step) and a cached query method; three runs with the default workers, one with a single
+    // worker and one with three: identical trainable tensors and per-epoch metrics.
+    let d = tmp("determinism");
+    let af = config(&d.join("af"), ADAPTFORMER, "auto");
+    let vqt = config(&d.join("vqt"), "kind = \"vqt\"\nnum_queries = 2", "kv");
+    let af_sets = ["--set", "tuners.adaptformer.dropout=0.1", "--set", "backbone.resize_size=40", "--set", "backbone.augment=\"crop-flip\""];
+    for (name, cfg, extra) in [("af", &af, &af_sets[..]), ("vqt", &vqt, &[][..])] {
+        let mut seen = Vec::new();
+        for (i, workers) in ["2", "2", "2", "1", "3"].iter().enumerate() {
+            let out = d.join(format!("{name}-{i}"));
+            let w = format!("train.num_workers={workers}");
+            train_in(name, cfg, &out, "cpu", &[extra, &["--set", "train.epochs=3", "--set", &w]].concat());
+            seen.push(run_bytes(&out));
+        }
+        for (i, s) in seen.iter().enumerate().skip(1) {
+            assert!(s.0 == seen[0].0, "{name}: run {i} trained other tensors than run 0");
+            assert_eq!(s.1, seen[0].1, "{name}: run {i} has other epoch metrics than run 0");
+        }
+    }
+}
+
+#[test]
+fn config_values_that_would_reach_a_burn_assert_are_one_line_errors() {
+    let d = tmp("ranges");
+    const SYNQT: &str = "kind = \"synqt\"\nnum_tokens = 1\nfeat_scale = 0.1\nattn_scale = 0.1\nffn_scale = 0.1";
+    const VQT: &str = "kind = \"vqt\"\nnum_queries = 1";
+    let lin = config(&d.join("lin"), "kind = \"linear\"", "auto");
+    let vqt = config(&d.join("vqt"), VQT, "auto");
+    let synqt = config(&d.join("synqt"), SYNQT, "off");
+    let af = config(&d.join("af"), ADAPTFORMER, "auto");
+    let cases: &[(&Path, &str, &str)] = &[
+        (&vqt, "method.num_queries=0", "method.num_queries must be at least 1"),
+        (&vqt, "method.query_dropout=1.0", "method.query_dropout = 1 must be in [0, 1)"),
+        (&vqt, "method.query_dropout=-0.1", "method.query_dropout = -0.1 must be in [0, 1)"),
+        (&synqt, "method.num_tokens=0", "method.num_tokens must be at least 1"),
+        (&synqt, "method.dropout=1.5", "method.dropout = 1.5 must be in [0, 1)"),
+        (&synqt, "method.head_drop_path=1.0", "method.head_drop_path = 1 must be in [0, 1)"),
+        (&synqt, "method.kem_drop_path=2.0", "method.kem_drop_path = 2 must be in [0, 1)"),
+        (&synqt, "method.feat_scale=inf", "method.feat_scale = inf must be a finite number"),
+        (&af, "tuners.adaptformer.dropout=1.0", "tuners.adaptformer.dropout = 1 must be in [0, 1)"),
+        (&af, "tuners.adaptformer.scale=nan", "tuners.adaptformer.scale = NaN must be a finite number"),
+        (&af, "tuners.adaptformer.bottleneck=0", "tuners.adaptformer.bottleneck must be at least 1"),
+        (&lin, "tuners.vpt={num_tokens = 2, dropout = -0.5}", "tuners.vpt.dropout = -0.5 must be in [0, 1)"),
+        (&lin, "tuners.vpt={num_tokens = 0}", "tuners.vpt.num_tokens must be at least 1"),
+        (&lin, "tuners.lora={rank = 2, alpha = 0.0, targets = [\"q\"]}", "tuners.lora.alpha = 0 must be a finite value > 0"),
+        (&lin, "tuners.lora={rank = 0, targets = [\"q\"]}", "tuners.lora.rank must be at least 1"),
+        (&lin, "tuners.ssf={init_std = -1.0}", "tuners.ssf.init_std = -1 must be a finite value >= 0"),
+        (&lin, "tuners.adapter={kind = \"houlsby\", bottleneck = 0}", "tuners.adapter.bottleneck must be at least 1"),
+        (&lin, "train.weight_decay=-0.1", "train.weight_decay = -0.1 must be a finite value >= 0"),
+        (&lin, "train.adam_epsilon=0.0", "train.adam_epsilon = 0 must be a finite value > 0"),
+        (&lin, "train.num_workers=0", "train.num_workers must be at least 1"),
+        (&lin, "train.trunk_embed_dropout=1.0", "train.trunk_embed_dropout = 1 must be in [0, 1)"),
+        (&lin, "train.trunk_drop_path=-1.0", "train.trunk_drop_path = -1 must be in [0, 1)"),
+        (&lin, "train.batch_size=0", "train.batch_size and train.grad_accumulation must be positive"),
+        (&lin, "train.lr=0.0", "train.lr 0 must be in (0, 1]"),
+        (&lin, "backbone.custom.img_size=0", "backbone.custom.img_size must be positive"),
+        (&lin, "backbone.img_size=0", "backbone.img_size must be positive"),
+        (&lin, "backbone.custom.num_heads=0", "backbone.custom.num_heads must be positive"),
+        (&lin, "data.test_limit=0", "data.test_limit must be at least 1"),
+        (&lin, "data.val_range=[40, 52]", "data.train_range [0, 48] and data.val_range [40, 52] overlap"),
+        (&lin, "head2toe={keep = 1.5}", "head2toe: feature selection needs method.kind = \"vqt\""),
+        (&vqt, "head2toe={keep = 1.5}", "head2toe.keep 1.5 must be in (0, 1]"),
+    ];
+    for (cfg, set, want) in cases {
+        let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--set", set, "--out", d.join("never").to_str().unwrap()]);
+        assert!(e.contains("exp.toml: ") && e.contains(want), "--set {set}: {e}");
+    }
+    assert!(!d.join("never").exists(), "a refused config started a run");
+    // Values checked against the data itself, and flags.
+    let lin_s = lin.to_str().unwrap();
+    let e = err_of(&["train", "--config", lin_s, "--set", "data.test_limit=31"]);
+    assert!(e.contains("test-images.gz: data.test_limit = 31 exceeds the 30 images in the file"), "{e}");
+    let e = err_of(&["--device", "5", "train", "--config", lin_s]);
+    assert!(e.contains("--device 5: the `cpu` backend has one device, index 0"), "{e}");
+    let e = err_of(&["--devices", "0,0", "train", "--config", lin_s]);
+    assert!(e.contains("--devices lists device 0 twice"), "{e}");
+    let o = bin().args(["train", "--config", lin_s, "--resume", "--overwrite"]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(2) && e.contains("'--resume' cannot be used with '--overwrite'"), "{e}");
+}
+
+#[test]
+fn an_output_dir_holds_one_run_and_resume_checks_what_it_resumes() {
+    let d = tmp("rundir");
+    let cfg = config(&d, "kind = \"linear\"", "auto");
+    let cfg_s = cfg.to_str().unwrap();
+    let out = d.join("run");
+    let out_s = out.to_str().unwrap();
+    let first = train_in("rundir-1", &cfg, &out, "cpu", &["--set", "train.epochs=2"]);
+    // A completed run is not replaced silently, nor resumed.
+    let e = err_of(&["train", "--config", cfg_s, "--out", out_s, "--set", "train.epochs=2"]);
+    assert!(e.contains("holds a completed run") && e.contains("--overwrite"), "{e}");
+    let e = err_of(&["train", "--config", cfg_s, "--out", out_s, "--set", "train.epochs=2", "--resume"]);
+    assert!(e.contains("the run already completed all 2 epochs"), "{e}");
+    let again = train_in("rundir-2", &cfg, &out, "cpu", &["--set", "train.epochs=2", "--overwrite"]);
+    assert_eq!(epoch_losses(&first), epoch_losses(&again));
+
+    // A second writer is refused while the first holds the directory.
+    let busy = d.join("busy");
+    let mut child = bin()
+        .args(["train", "--config", cfg_s, "--set", "train.epochs=100000", "--out"])
+        .arg(&busy)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !busy.join("checkpoint").join("trainable-1.safetensors.sha256").exists() {
+        assert!(t0.elapsed().as_secs() < 120, "the background run did not reach its first checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let busy_s = busy.to_str().unwrap();
+    let e = err_of(&["train", "--config", cfg_s, "--set", "train.epochs=100000", "--out", busy_s, "--resume"]);
+    assert!(e.contains("another vqt-train process is writing a run here"), "{e}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Now it is an interrupted run: training into it needs --resume or --overwrite, and
+    // --resume refuses other settings, naming the first differing key.
+    let e = err_of(&["train", "--config", cfg_s, "--set", "train.epochs=100000", "--out", busy_s]);
+    assert!(e.contains("holds an interrupted run: pass --resume to continue it, or --overwrite"), "{e}");
+    for (extra, key) in [
+        (&["--set", "train.lr=0.02"][..], "train.lr is 0.02 here, but the run"),
+        (&["--seed", "7"][..], "train.seed is 7 here"),
+        (&["--set", "data.train_range=[0, 40]"][..], "data.train_range is [0,40] here"),
+        (&["--set", "method={kind = \"vqt\", num_queries = 1}"][..], "method.kind is \"vqt\" here"),
+        (&["--set", "train.epochs=5"][..], "train.epochs is 5 here, but the run"),
+        (&["--backend", "ndarray"][..], "--backend is \"ndarray\" here"),
+    ] {
+        let args = [&["train", "--config", cfg_s, "--set", "train.epochs=100000", "--out", busy_s, "--resume"][..], extra].concat();
+        let e = err_of(&args);
+        assert!(e.contains(key) && e.contains("started.json"), "{extra:?}: {e}");
+    }
+}
+
+/// The crash tests: `full` trains 4 epochs uninterrupted; `crashed` is killed (aborted, as by
+/// SIGKILL) in the middle of epoch 3, optionally has a checkpoint file damaged, and is resumed.
+/// Every epoch's metrics, the trainable tensors and the accuracies must equal the full run's.
+fn crash_and_resume(tag: &str, method: &str, extra: &[&str], damage: Option<&str>, resumes_from: u64) {
+    let d = tmp(tag);
+    let cfg = config(&d, method, "auto");
+    // Batches of 8: six iterations per epoch, so the abort lands well inside epoch 3, after
+    // epoch 2's checkpoint was written by burn-train's checkpointer thread.
+    let sets = [extra, &["--set", "train.epochs=4", "--set", "train.batch_size=8"]].concat();
+    let full = train_in(tag, &cfg, &d.join("full"), "cpu", &sets);
+    let out = d.join("crashed");
+    let o = bin().args(["train", "--config"]).arg(&cfg).arg("--out").arg(&out).args(&sets).env("VQT_TEST_ABORT_AT", "3:5").output().unwrap();
+    assert!(!o.status.success(), "{tag}: the run was not aborted");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("aborting at epoch 3, iteration 5"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.join("run.json").exists());
+    let ckpt = out.join("checkpoint");
+    assert!(ckpt.join("trainable-2.safetensors").exists() && !ckpt.join("trainable-3.safetensors").exists());
+    if let Some(file) = damage {
+        let p = ckpt.join(file);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    }
+    let o = bin().args(["train", "--config"]).arg(&cfg).arg("--out").arg(&out).args(&sets).arg("--resume").output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{tag}: {stderr}");
+    if let Some(file) = damage {
+        let want = format!("the checkpoint of epoch 2 is unusable ({file} does not match its sha256 seal (truncated or damaged)); falling back to epoch 1");
+        assert!(stderr.contains(&want), "{tag}: {stderr}");
+    }
+    let resumed: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(resumed["resumed_from_epoch"], resumes_from, "{tag}");
+    assert_eq!(resumed["epochs"], full["epochs"], "{tag}: per-epoch metrics differ from the uninterrupted run");
+    assert_eq!((&resumed["val_accuracy"], &resumed["test_accuracy"]), (&full["val_accuracy"], &full["test_accuracy"]), "{tag}");
+    assert!(run_bytes(&out).0 == run_bytes(&d.join("full")).0, "{tag}: trainable tensors differ from the uninterrupted run");
+}
+
+#[test]
+fn a_query_method_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
+    crash_and_resume("crash-vqt", "kind = \"vqt\"\nnum_queries = 2\nquery_dropout = 0.1", &[], None, 2);
+    crash_and_resume("crash-vqt-damaged", "kind = \"vqt\"\nnum_queries = 2\nquery_dropout = 0.1", &[], Some("trainable-2.safetensors"), 1);
+}
+
+#[test]
+fn a_tuned_method_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
+    let noise = ["--set", "tuners.adaptformer.dropout=0.1"];
+    crash_and_resume("crash-af", ADAPTFORMER, &noise, None, 2);
+    crash_and_resume("crash-af-damaged", ADAPTFORMER, &noise, Some("optim-2.bpk"), 1);
+}
+
+#[test]
+fn failed_writes_leave_no_partial_files_and_a_run_that_can_be_finished() {
+    let d = tmp("writes");
+    let cfg = config(&d, ADAPTFORMER, "auto");
+    let out = d.join("run");
+    // A file-size limit (as a full disk does) makes every checkpoint write fail.
+    let o = Command::new("sh")
+        .args(["-c", "trap '' XFSZ; ulimit -f 16; exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_vqt-train"))
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .args(["--set", "train.epochs=2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.trim_end().lines().last().unwrap().starts_with("error: training failed"), "{stderr}");
+    let mut leftovers = Vec::new();
+    let mut stack = vec![out.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(".partial") || p.to_string_lossy().ends_with(".tmp") {
+                leftovers.push(p);
+            }
+        }
+    }
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!out.join("run.json").exists());
+    // Nothing usable to resume from: one line; --overwrite starts afresh.
+    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--set", "train.epochs=2", "--resume"]);
+    assert!(e.contains("found no complete checkpoint to continue from") && e.contains("start afresh with --overwrite"), "{e}");
+    let rec = train_in("writes-fresh", &cfg, &out, "cpu", &["--set", "train.epochs=2", "--overwrite"]);
+
+    // The final outputs failed after the last epoch's checkpoint (run.json and
+    // trainable.safetensors absent): --resume finishes the run from that checkpoint.
+    std::fs::remove_file(out.join("run.json")).unwrap();
+    std::fs::remove_file(out.join("trainable.safetensors")).unwrap();
+    let done = train_in("writes-finish", &cfg, &out, "cpu", &["--set", "train.epochs=2", "--resume"]);
+    assert_eq!(done["resumed_from_epoch"], 2);
+    assert_eq!((&done["epochs"], &done["test_accuracy"]), (&rec["epochs"], &rec["test_accuracy"]));
+    let o = bin().args(["eval", "--run"]).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
