@@ -5,25 +5,30 @@ use std::path::Path;
 /// Writes `bytes` to `path` through `<path>.partial` and a rename (creating the parent folder),
 /// so a crash never leaves a file that looks complete.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, |f| std::io::Write::write_all(f, bytes))
+}
+
+/// [`write_atomic`] for output produced piece by piece: `write` fills `<path>.partial` through a
+/// buffered writer, which is then flushed, synced and renamed to `path`. Any failure removes the
+/// temporary file (disk full, file-size limit), so nothing half-written is left behind.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".partial");
     let tmp = std::path::PathBuf::from(tmp);
-    let result = write_synced(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    let result = std::fs::File::create(&tmp)
+        .and_then(|f| {
+            let mut w = std::io::BufWriter::new(f);
+            write(&mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_data()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {
-        // A failed write (disk full, file-size limit) leaves nothing behind.
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_data()
 }
 
 #[cfg(test)]

@@ -274,21 +274,12 @@ impl FeatureCache {
     /// field per input: checkpoint, data content, pipeline, kind, dtype);
     /// [`FeatureCache::open`] checks it field by field. The payload ends with its CRC-32.
     pub fn save(&self, path: &std::path::Path, key: &serde_json::Value) -> Result<(), CacheError> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".partial");
-        let tmp = std::path::PathBuf::from(tmp);
-        let result = self.write_to(&tmp, key).and_then(|()| std::fs::rename(&tmp, path));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(|error| CacheError::Io { path: path.to_path_buf(), error })
+        vqt_core::fs::write_atomic_with(path, |f| self.write_to(f, key)).map_err(|error| CacheError::Io { path: path.to_path_buf(), error })
     }
 
-    fn write_to(&self, tmp: &std::path::Path, key: &serde_json::Value) -> std::io::Result<()> {
-        use std::io::Write;
+    fn write_to(&self, f: &mut impl std::io::Write, key: &serde_json::Value) -> std::io::Result<()> {
         let header = FileHeader { key: key.clone(), layout: self.layout, depth: self.layers.len() };
         let header = serde_json::to_vec(&header).expect("header serialises");
-        let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         f.write_all(MAGIC)?;
         f.write_all(&(header.len() as u64).to_le_bytes())?;
         f.write_all(&header)?;
@@ -302,8 +293,7 @@ impl FeatureCache {
             }
             written += pad.len() + store.bytes();
         }
-        f.write_all(&crc.finalize().to_le_bytes())?;
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()
+        f.write_all(&crc.finalize().to_le_bytes())
     }
 
     /// Memory-maps a cache written by [`FeatureCache::save`]; fails if a field of its key differs

@@ -488,15 +488,14 @@ fn build_cache(prep: &Prepared, cfg: &ExperimentConfig, kind: CacheKind, plain: 
 fn cache_batcher(prep: &Prepared, cfg: &ExperimentConfig, plain: &Device) -> Result<Option<(TrunkBatcher, CacheRecord)>> {
     let Some(kind) = cfg.train.cache.kind(cfg.trunk_is_constant()) else { return Ok(None) };
     let tc = Instant::now();
-    let from_file = cfg.train.cache_file.as_ref().is_some_and(|p| p.exists());
-    let cache = match &cfg.train.cache_file {
-        Some(path) if path.exists() => FeatureCache::open(path, &cache_key(cfg, prep, kind))?,
+    let (cache, from_file) = match &cfg.train.cache_file {
+        Some(path) if path.exists() => (FeatureCache::open(path, &cache_key(cfg, prep, kind))?, true),
         Some(path) => {
             let c = build_cache(prep, cfg, kind, plain);
             c.save(path, &cache_key(cfg, prep, kind))?;
-            c
+            (c, false)
         }
-        None => build_cache(prep, cfg, kind, plain),
+        None => (build_cache(prep, cfg, kind, plain), false),
     };
     let rec = CacheRecord {
         mode: format!("{:?}", kind).to_lowercase(),
@@ -837,7 +836,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
                 samples: prep.train_set.clone(),
                 pre: prep.pre.clone(),
                 augment_seed: prep.pre.is_random().then_some(t.seed),
-                threads: t.num_workers.max(1),
+                threads: t.num_workers,
             },
             None,
         ),
@@ -853,7 +852,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
         cfg,
         opts: &opts,
         train_batcher,
-        val_batcher: prep.image_batcher(&prep.val_set, t.num_workers.max(1)),
+        val_batcher: prep.image_batcher(&prep.val_set, t.num_workers),
         train_items: items(&prep.train_set),
         val_items: items(&prep.val_set),
         ad: ad.clone(),
@@ -900,7 +899,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
     // Final evaluation: validation and test once, at the last epoch.
     let eval_model = model.valid();
     let val_accuracy = stages.val_accuracy(&model);
-    let test_accuracy = accuracy(&eval_model, &prep.image_batcher(&prep.test_set, t.num_workers.max(1)), &items(&prep.test_set), t.batch_size, &plain);
+    let test_accuracy = accuracy(&eval_model, &prep.image_batcher(&prep.test_set, t.num_workers), &items(&prep.test_set), t.batch_size, &plain);
     let record = RunRecord {
         config: cfg.clone(),
         backend: backend.to_string(),
@@ -944,7 +943,8 @@ pub fn train_or_reuse(cfg: &ExperimentConfig, backend: &str, device: &Device, ou
             read_record(out)
         }
         RunState::Interrupted => {
-            let resumable = Stages::usable(&out.join("checkpoint")).is_some();
+            // `train` reports damaged checkpoints when it resumes; here only whether one is usable.
+            let resumable = TrainableCheckpointer::latest(&out.join("checkpoint")).is_some();
             train(cfg, backend, device, out, TrainOptions { resume: resumable, overwrite: !resumable, ..opts })
         }
         RunState::Empty => train(cfg, backend, device, out, TrainOptions { resume: false, ..opts }),
@@ -993,6 +993,6 @@ pub fn evaluate(run_dir: &Path, split: EvalSplit, device: &Device) -> Result<(f6
     }
     let set = prep.split(split);
     let plain = device.clone().without_autodiff();
-    let acc = accuracy(&model.valid(), &prep.image_batcher(set, cfg.train.num_workers.max(1)), &items(set), cfg.train.batch_size, &plain);
+    let acc = accuracy(&model.valid(), &prep.image_batcher(set, cfg.train.num_workers), &items(set), cfg.train.batch_size, &plain);
     Ok((acc, set.len()))
 }
