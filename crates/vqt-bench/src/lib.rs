@@ -3,5 +3,6 @@
 
 pub mod bench;
 pub mod compare;
+pub mod gpu_check;
 pub mod parity;
 pub mod report;

@@ -19,7 +19,7 @@ enum Command {
         /// Fixture directories (each with a manifest.json).
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
-        /// Backend: cpu, ndarray, wgpu, wgpu-cpu, cuda.
+        /// Backend: cpu, ndarray, wgpu, wgpu-cpu, vulkan, vulkan-cpu, cuda.
         #[arg(long, default_value = "cpu")]
         backend: String,
         /// Device index (GPU backends).
@@ -82,6 +82,46 @@ enum Command {
         #[arg(long, default_value = "bench-compare")]
         out: PathBuf,
     },
+    /// List the adapters every graphics API sees (nothing is opened).
+    Devices,
+    /// The one-command GPU check (scripts/gpu-check.sh): adapters, every parity fixture, memory
+    /// and speed per method, and a short training on the DINOv2 demo task where its assets are
+    /// present, on each backend, each step in a child process with a time limit; writes
+    /// `<out>/gpu-check.md` and `.json` and exits 1 if a step failed.
+    GpuCheck {
+        /// Comma-separated backends (default: CUDA and Vulkan where a GPU exists, and wgpu; the
+        /// CPU adapters `vulkan-cpu,wgpu-cpu` where there is no GPU).
+        #[arg(long, default_value = "")]
+        backends: String,
+        /// Folder holding the parity fixtures.
+        #[arg(long, default_value = "fixtures")]
+        fixtures: PathBuf,
+        /// Backbone preset of the memory step.
+        #[arg(long, default_value = "vit-b16")]
+        preset: String,
+        /// Input size of the memory step.
+        #[arg(long, default_value_t = 224)]
+        img_size: usize,
+        /// Batch of the memory step.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Methods of the memory step.
+        #[arg(long, default_value = "linear,vqt,vqt-cached,synqt,lora,adaptformer,full-ft")]
+        methods: String,
+        /// Training config of the short training (skipped, with the reason, if its checkpoint or
+        /// data files are missing).
+        #[arg(long, default_value = "configs/experiments/fmnist-dinov2s-vqt.toml")]
+        train_config: PathBuf,
+        /// Epochs of the short training.
+        #[arg(long, default_value_t = 2)]
+        train_epochs: usize,
+        /// Time limit of each step, seconds.
+        #[arg(long, default_value_t = 240)]
+        limit_s: u64,
+        /// Report folder.
+        #[arg(long, default_value = "gpu-report")]
+        out: PathBuf,
+    },
     /// Measure one method in this process and print one JSON line (used by `memory`).
     Step {
         /// The method.
@@ -113,7 +153,7 @@ struct Shape {
     /// Timed steps.
     #[arg(long, default_value_t = 3)]
     steps: usize,
-    /// Backend: cpu, ndarray, wgpu, wgpu-cpu, cuda.
+    /// Backend: cpu, ndarray, wgpu, wgpu-cpu, vulkan, vulkan-cpu, cuda.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Device index (GPU backends).
@@ -214,6 +254,49 @@ fn run() -> Result<()> {
                 std::process::exit(1);
             }
             println!("parity passed for {} fixture(s) on {backend}", reports.len());
+            Ok(())
+        }
+        Command::Devices => {
+            let adapters = vqt_bench::gpu_check::adapters();
+            for a in &adapters {
+                println!("{:<7} {:<12} {}  [{}]", a.api, a.device_type, a.name, a.driver);
+            }
+            if adapters.is_empty() {
+                println!("no adapter found (install a Vulkan driver, e.g. Debian `mesa-vulkan-drivers` for the CPU)");
+            }
+            println!("compiled backends: {}", BackendKind::compiled().iter().map(|b| b.name()).collect::<Vec<_>>().join(", "));
+            Ok(())
+        }
+        Command::GpuCheck { backends, fixtures, preset, img_size, batch, methods, train_config, train_epochs, limit_s, out } => {
+            let backends = backends
+                .split(',')
+                .map(str::trim)
+                .filter(|b| !b.is_empty())
+                .map(|b| b.parse::<BackendKind>())
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(b) = backends.iter().find(|b| !b.is_gpu_runtime()) {
+                anyhow::bail!("--backends: `{b}` is not a GPU-runtime backend (wgpu, wgpu-cpu, vulkan, vulkan-cpu, cuda)");
+            }
+            method_list(&methods)?;
+            anyhow::ensure!(limit_s > 0 && train_epochs > 0 && batch > 0, "--limit-s, --train-epochs and --batch must be positive");
+            let plan = vqt_bench::gpu_check::Plan {
+                backends,
+                fixtures,
+                preset,
+                img_size,
+                batch,
+                methods,
+                train_config,
+                train_epochs,
+                limit: std::time::Duration::from_secs(limit_s),
+                out: out.clone(),
+            };
+            let report = vqt_bench::gpu_check::run(&plan)?;
+            print!("{}", vqt_bench::gpu_check::markdown(&report, &plan));
+            println!("report: {}", out.join("gpu-check.md").display());
+            if !report.passed() {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Report { runs, out, title } => {

@@ -85,6 +85,16 @@ fn bad_inputs_give_one_line_errors() {
         assert!(err.contains("--features cuda"), "{err}");
     }
 
+    // No Vulkan driver (the loader pointed at none): one line naming the package, not a panic.
+    let mut cmd = bench();
+    cmd.arg("parity").arg(fixtures().join("tiny-a")).args(["--backend", "vulkan-cpu"]);
+    cmd.env("VK_ICD_FILENAMES", "/nonexistent/icd.json").env("VK_DRIVER_FILES", "/nonexistent/icd.json");
+    let novk = vqt_core::process::output_within(&mut cmd, vqt_core::process::gpu_check_limit(300)).unwrap();
+    assert_eq!(novk.status.code(), Some(2), "{}", String::from_utf8_lossy(&novk.stderr));
+    let err = String::from_utf8_lossy(&novk.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("backend `vulkan-cpu`") && err.contains("mesa-vulkan-drivers"), "{err}");
+
     // A truncated checkpoint: the error names the file.
     let d = tmpdir("trunc");
     for f in std::fs::read_dir(fixtures().join("tiny-a")).unwrap() {
@@ -219,4 +229,49 @@ fn speed_measures_training_and_inference_per_method_in_child_processes() {
     let err = String::from_utf8_lossy(&e.stderr);
     assert!(e.status.code() == Some(2) && err.contains("names no method"), "{err}");
     assert!(!empty.with_extension("json").exists());
+}
+
+/// The GPU check end to end on the CPU adapter (what scripts/gpu-check.sh runs on a GPU machine),
+/// at a toy size: adapters listed, parity and memory steps run in limited children and pass, the
+/// training step is skipped with the missing asset named, and the report exists in both forms.
+#[test]
+fn gpu_check_runs_on_the_cpu_adapter_and_writes_its_report() {
+    let d = tmpdir("gpu-check");
+    let fx = d.join("fixtures");
+    std::fs::create_dir_all(fx.join("tiny-a")).unwrap();
+    for f in std::fs::read_dir(fixtures().join("tiny-a")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, fx.join("tiny-a").join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg = d.join("demo.toml");
+    std::fs::write(&cfg, "[backbone]\ncheckpoint = \"/nonexistent/model.safetensors\"\n[data]\ntrain_images = \"/nonexistent/train.gz\"\n").unwrap();
+    let out = d.join("report");
+    let mut cmd = bench();
+    cmd.args(["gpu-check", "--backends", "wgpu-cpu", "--preset", "vit-ti16", "--img-size", "32", "--batch", "2"])
+        .args(["--methods", "linear,vqt-cached", "--limit-s", "600", "--fixtures"])
+        .arg(&fx)
+        .arg("--train-config")
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out);
+    let o = vqt_core::process::output_within(&mut cmd, vqt_core::process::gpu_check_limit(1500)).unwrap();
+    let (so, se) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{so}\n{se}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("gpu-check.json")).unwrap()).unwrap();
+    assert!(r["adapters"].as_array().unwrap().iter().any(|a| a["device_type"] == "Cpu"), "{r}");
+    let steps = r["steps"].as_array().unwrap();
+    let status: Vec<(&str, &str)> = steps.iter().map(|s| (s["step"].as_str().unwrap(), s["status"].as_str().unwrap())).collect();
+    assert_eq!(status, [("parity", "passed"), ("memory", "passed"), ("train", "skipped")], "{r}");
+    assert!(steps[0]["summary"].as_str().unwrap().starts_with("1 fixtures, 16 tensors within tolerance"), "{r}");
+    let mem = steps[1]["details"].as_array().unwrap();
+    assert_eq!(mem.len(), 2);
+    assert!(mem.iter().all(|m| m["device_peak_bytes"].as_u64().is_some_and(|b| b > 0)), "device pool peak measured: {r}");
+    assert!(steps[2]["summary"].as_str().unwrap().contains("/nonexistent/model.safetensors"), "{r}");
+    let md = std::fs::read_to_string(out.join("gpu-check.md")).unwrap();
+    assert!(md.contains("| wgpu-cpu | memory | passed |") && md.contains("Overall: passed."), "{md}");
+
+    // An unknown or CPU backend is refused in one line before anything runs.
+    let e = bench().args(["gpu-check", "--backends", "cpu"]).output().unwrap();
+    assert_eq!(e.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("`cpu` is not a GPU-runtime backend"));
 }

@@ -4,6 +4,7 @@
 //! compiled once and the backend is chosen at launch. Every constructor is explicit: we never
 //! rely on `Device::default()`, whose choice depends on which features happen to be compiled in.
 
+use burn::tensor::wgpu::WgpuBackend;
 use burn::tensor::{Device, DeviceKind};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -22,17 +23,25 @@ pub enum BackendKind {
     Wgpu,
     /// WGPU forced onto a CPU adapter (e.g. Mesa llvmpipe): exercises the GPU code path without a GPU.
     WgpuCpu,
+    /// WGPU pinned to Vulkan, compiling kernels to SPIR-V (Burn's `vulkan` feature): the fast
+    /// path on NVIDIA, AMD and Intel GPUs without CUDA. Default adapter, or discrete GPU `N`.
+    Vulkan,
+    /// Vulkan on a CPU adapter (Mesa lavapipe, Debian `mesa-vulkan-drivers`): the SPIR-V code
+    /// path without a GPU.
+    VulkanCpu,
     /// CUDA (cargo feature `cuda`, opt-in: its build downloads an LLVM bundle).
     Cuda,
 }
 
 impl BackendKind {
     /// Every backend name the CLI accepts.
-    pub const ALL: [BackendKind; 5] = [
+    pub const ALL: [BackendKind; 7] = [
         BackendKind::Cpu,
         BackendKind::Ndarray,
         BackendKind::Wgpu,
         BackendKind::WgpuCpu,
+        BackendKind::Vulkan,
+        BackendKind::VulkanCpu,
         BackendKind::Cuda,
     ];
 
@@ -43,6 +52,8 @@ impl BackendKind {
             BackendKind::Ndarray => "ndarray",
             BackendKind::Wgpu => "wgpu",
             BackendKind::WgpuCpu => "wgpu-cpu",
+            BackendKind::Vulkan => "vulkan",
+            BackendKind::VulkanCpu => "vulkan-cpu",
             BackendKind::Cuda => "cuda",
         }
     }
@@ -50,10 +61,20 @@ impl BackendKind {
     /// Whether this binary was compiled with this backend.
     pub fn is_compiled(self) -> bool {
         match self {
-            BackendKind::Cpu | BackendKind::Wgpu | BackendKind::WgpuCpu => true,
+            BackendKind::Cpu
+            | BackendKind::Wgpu
+            | BackendKind::WgpuCpu
+            | BackendKind::Vulkan
+            | BackendKind::VulkanCpu => true,
             BackendKind::Ndarray => cfg!(feature = "ndarray"),
             BackendKind::Cuda => cfg!(feature = "cuda"),
         }
+    }
+
+    /// Whether this is a GPU-runtime backend (wgpu, Vulkan or CUDA), even when it runs on a CPU
+    /// adapter.
+    pub fn is_gpu_runtime(self) -> bool {
+        !matches!(self, BackendKind::Cpu | BackendKind::Ndarray)
     }
 
     /// The backends compiled into this binary.
@@ -82,7 +103,7 @@ impl FromStr for BackendKind {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DeviceError {
     /// The name is not a backend at all.
-    #[error("unknown backend `{0}`: expected one of cpu, ndarray, wgpu, wgpu-cpu, cuda")]
+    #[error("unknown backend `{0}`: expected one of cpu, ndarray, wgpu, wgpu-cpu, vulkan, vulkan-cpu, cuda")]
     UnknownBackend(String),
     /// The backend exists but this binary was built without it.
     #[error("backend `{backend}` is not compiled into this binary: rebuild with `--features {feature}`")]
@@ -119,6 +140,16 @@ pub enum DeviceError {
         index: usize,
         /// How many devices were found.
         found: usize,
+    },
+    /// The graphics runtime found no adapter (no driver installed, or none of the asked kind).
+    #[error("backend `{backend}`: {reason}{hint}")]
+    NoAdapter {
+        /// The backend asked for.
+        backend: BackendKind,
+        /// The runtime's reason, on one line.
+        reason: String,
+        /// What to install, where that is known.
+        hint: &'static str,
     },
 }
 
@@ -187,7 +218,10 @@ pub fn configure_precision(device: &mut Device, backend: BackendKind, precision:
 /// `ndarray`, `wgpu-cpu`) have one device, index 0, and there `--devices 0,1,...` names worker
 /// replicas on it; a device listed twice is refused on every backend.
 pub fn check_indices(backend: BackendKind, device: Option<usize>, devices: &[usize]) -> Result<(), String> {
-    let single = matches!(backend, BackendKind::Cpu | BackendKind::Ndarray | BackendKind::WgpuCpu);
+    let single = matches!(
+        backend,
+        BackendKind::Cpu | BackendKind::Ndarray | BackendKind::WgpuCpu | BackendKind::VulkanCpu
+    );
     if let (true, Some(i)) = (single, device) {
         if i != 0 {
             return Err(format!(
@@ -205,19 +239,63 @@ pub fn check_indices(backend: BackendKind, device: Option<usize>, devices: &[usi
 
 /// Builds the plain (non-autodiff) device for `backend`, device index `index`.
 ///
-/// `index` selects the n-th CUDA device, or the n-th discrete GPU for `wgpu` (None = default
-/// adapter). CPU backends have one device (see [`check_indices`]).
+/// `index` selects the n-th CUDA device, or the n-th discrete GPU for `wgpu`/`vulkan` (None =
+/// default adapter). CPU backends have one device (see [`check_indices`]).
+///
+/// The wgpu and Vulkan runtimes are brought up here, not lazily by the first tensor operation
+/// (which panics when no adapter exists), so a machine without the driver gets
+/// [`DeviceError::NoAdapter`] naming what to install.
 pub fn make_device(backend: BackendKind, index: Option<usize>) -> Result<Device, DeviceError> {
+    let gpu = || match index {
+        Some(i) => DeviceKind::DiscreteGpu(i),
+        None => DeviceKind::DefaultDevice,
+    };
     match backend {
         BackendKind::Cpu => Ok(Device::flex()),
         BackendKind::Ndarray => ndarray_device(),
-        BackendKind::Wgpu => Ok(Device::wgpu(match index {
-            Some(i) => DeviceKind::DiscreteGpu(i),
-            None => DeviceKind::DefaultDevice,
-        })),
-        BackendKind::WgpuCpu => Ok(Device::wgpu(DeviceKind::Cpu)),
+        BackendKind::Wgpu => wgpu_device(backend, WgpuBackend::Auto, gpu()),
+        BackendKind::WgpuCpu => wgpu_device(backend, WgpuBackend::Auto, DeviceKind::Cpu),
+        BackendKind::Vulkan => wgpu_device(backend, WgpuBackend::Vulkan, gpu()),
+        BackendKind::VulkanCpu => wgpu_device(backend, WgpuBackend::Vulkan, DeviceKind::Cpu),
         BackendKind::Cuda => cuda_device(index.unwrap_or(0)),
     }
+}
+
+/// Brings up (once per process) the wgpu runtime for `kind` on graphics API `api`.
+///
+/// Burn refuses a second initialisation of the same runtime, so the devices made here are
+/// remembered and handed out again.
+fn wgpu_device(backend: BackendKind, api: WgpuBackend, kind: DeviceKind) -> Result<Device, DeviceError> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static UP: OnceLock<Mutex<HashMap<String, Device>>> = OnceLock::new();
+    let key = format!("{api:?}/{kind:?}");
+    let mut up = UP.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(d) = up.get(&key) {
+        return Ok(d.clone());
+    }
+    let device = Device::wgpu_options().graphics_api(api).device_kind(kind.clone()).init().map_err(|e| {
+        let hint = match (api, &kind) {
+            (WgpuBackend::Vulkan, DeviceKind::Cpu) => {
+                " (install a Vulkan driver for the CPU: Debian/Ubuntu `mesa-vulkan-drivers`, which provides lavapipe)"
+            }
+            (WgpuBackend::Vulkan, _) => {
+                " (install the GPU's Vulkan driver and the loader, e.g. Debian/Ubuntu `libvulkan1` with `mesa-vulkan-drivers` or the NVIDIA driver)"
+            }
+            (_, DeviceKind::Cpu) => {
+                " (install a CPU adapter: Debian/Ubuntu `mesa-vulkan-drivers` for Vulkan, or `libegl-mesa0 libgl1-mesa-dri` for OpenGL)"
+            }
+            _ => " (no GPU adapter found: install its Vulkan, Metal or DX12 driver)",
+        };
+        DeviceError::NoAdapter { backend, reason: one_line(&e.to_string()), hint }
+    })?;
+    up.insert(key, device.clone());
+    Ok(device)
+}
+
+/// The first line of a multi-line message, trimmed.
+fn one_line(s: &str) -> String {
+    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
 #[cfg(feature = "ndarray")]

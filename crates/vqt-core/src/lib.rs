@@ -1,6 +1,7 @@
 //! vqt-core: the model-free foundation of vqt-rs.
 //!
-//! * [`device`]: the run-time backend choice (`cpu` = Burn Flex, `ndarray`, `wgpu`, `cuda`).
+//! * [`device`]: the run-time backend choice (`cpu` = Burn Flex, `ndarray`, `wgpu`, `vulkan`, `cuda`).
+//! * [`process`]: child processes with a time limit (GPU-backend checks, bench children).
 //! * [`tensor_map`]: the canonical, host-side tensor map every checkpoint reader produces
 //!   (timm naming, PyTorch layouts, f32).
 //! * [`checkpoint`]: readers for timm state dicts (safetensors / `.pth`), Google JAX `.npz`,
@@ -13,6 +14,7 @@ pub mod device;
 pub mod fs;
 pub mod hash;
 pub mod mem;
+pub mod process;
 pub mod tensor_map;
 
 pub use checkpoint::{CheckpointError, CheckpointFormat, load_checkpoint};

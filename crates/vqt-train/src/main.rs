@@ -10,7 +10,7 @@ use vqt_core::{BackendKind, make_device};
 #[derive(Parser)]
 #[command(name = "vqt-train", version, about = "Parameter-efficient ViT adaptation (VQT, SynQT) on Burn")]
 struct Cli {
-    /// Backend: cpu (Flex), ndarray, wgpu, wgpu-cpu, cuda (feature `cuda`).
+    /// Backend: cpu (Flex), ndarray, wgpu, wgpu-cpu, vulkan, vulkan-cpu, cuda (feature `cuda`).
     #[arg(long, global = true, default_value = "cpu")]
     backend: String,
     /// Device index (GPU backends).
