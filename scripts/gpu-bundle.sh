@@ -3,7 +3,7 @@
 # Rust toolchain and no network: stripped release binaries of vqt-bench and vqt-train with every
 # GPU backend this machine can build (wgpu and Vulkan; CUDA only with --cuda, whose build needs
 # the LLVM bundle, see README), the parity fixtures, the check script and its training config.
-# The folder must stay within 64 MiB (checked).
+# The folder must stay within 64 MiB (checked); the binaries travel xz-compressed.
 #
 #   scripts/gpu-bundle.sh                       -> dist/vqt-gpu-bundle/
 #   scripts/gpu-bundle.sh --out DIR --cuda
@@ -37,6 +37,12 @@ for b in vqt-bench vqt-train; do
   cp "$dir/$b" "$out.partial/bin/$b"
   strip "$out.partial/bin/$b"
 done
+backends="$("$out.partial/bin/vqt-bench" devices | sed -n 's/^compiled backends: //p')"
+# Stripped, the two binaries are ~110 MiB each (cubecl's kernels are generic code); xz brings
+# them to ~18 MiB each. gpu-check.sh unpacks them on first run (xz-utils, or Python's lzma).
+for b in vqt-bench vqt-train; do
+  xz -T0 -6 "$out.partial/bin/$b"
+done
 for f in fixtures/*/; do
   [ -f "$f/manifest.json" ] && cp -r "$f" "$out.partial/fixtures/"
 done
@@ -48,9 +54,9 @@ cp configs/experiments/fmnist-dinov2s-vqt.toml "$out.partial/configs/gpu-check-d
   echo "vqt-rs GPU bundle"
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
   echo "built: $(date -u +%FT%TZ) on $(uname -m), $(rustc --version), profile $profile, features: ${features[*]:-default (wgpu, vulkan)}"
-  echo "backends: $("$out.partial/bin/vqt-bench" devices | sed -n 's/^compiled backends: //p')"
+  echo "backends: $backends"
   echo "run: ./gpu-check.sh (see its header); needs glibc >= $(ldd --version | head -1 | grep -o '[0-9.]*$'), a Vulkan loader (libvulkan.so.1) for vulkan/wgpu"
-  (cd "$out.partial" && sha256sum bin/*)
+  (cd "$out.partial" && sha256sum bin/*.xz)
 } > "$out.partial/BUNDLE.txt"
 size=$(du -sb "$out.partial" | cut -f1)
 if [ "$size" -gt "$limit" ]; then

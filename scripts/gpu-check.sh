@@ -17,6 +17,17 @@
 # From a checkout, it uses the binaries of target/release (or target/debug).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+# The bundle ships its binaries xz-compressed: unpack them once.
+for b in vqt-bench vqt-train; do
+  if [ -f "$here/bin/$b.xz" ] && [ ! -x "$here/bin/$b" ]; then
+    if command -v xz >/dev/null; then
+      xz -dkc "$here/bin/$b.xz" > "$here/bin/$b.partial"
+    else
+      python3 -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "$here/bin/$b.xz" > "$here/bin/$b.partial"
+    fi
+    chmod +x "$here/bin/$b.partial" && mv "$here/bin/$b.partial" "$here/bin/$b"
+  fi
+done
 if [ -x "$here/bin/vqt-bench" ]; then
   cd "$here"
   bench="$here/bin/vqt-bench"
