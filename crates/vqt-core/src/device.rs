@@ -293,7 +293,7 @@ fn wgpu_device(backend: BackendKind, api: WgpuBackend, kind: DeviceKind) -> Resu
     Ok(device)
 }
 
-/// The first line of a multi-line message, trimmed.
+/// A multi-line message on one line: its non-empty lines, trimmed, joined with `; `.
 fn one_line(s: &str) -> String {
     s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
