@@ -184,9 +184,47 @@ def build(method, vit, d, depth, classes):
     return extra, forward
 
 
+def kernels(spec, reps):
+    """`vqt-bench kernels`' products, formed as timm forms them, timed like ours."""
+    results = []
+    for s in spec:
+        b, h, m, k, n = s["batch"], s["heads"], s["m"], s["k"], s["n"]
+        op = s["op"]
+        if op == "linear":
+            x, w = torch.randn(b, m, k), torch.randn(n, k)  # nn.Linear stores [out, in]
+            f = lambda: F.linear(x, w)
+        elif op == "linear_dx":  # autograd's grad_input = grad_output.mm(weight), weight [out, in]
+            dy, w = torch.randn(b * m, k), torch.randn(k, n)
+            f = lambda: dy.mm(w)
+        elif op == "linear_dw":  # autograd's grad_weight = grad_output.t().mm(input)
+            dy, x = torch.randn(k, n), torch.randn(k, m)
+            f = lambda: dy.t().mm(x)
+        elif op in ("scores", "av"):
+            dh = k if op == "scores" else n
+            qkv = torch.randn(b, m, 3, h, dh).permute(2, 0, 3, 1, 4)  # timm's head views
+            if op == "scores":
+                f = lambda: qkv[0] @ qkv[1].transpose(-2, -1)
+            else:
+                p = torch.rand(b, h, m, k)
+                f = lambda: p @ qkv[2]
+        else:
+            raise SystemExit(f"unknown kernel op {op}")
+        f()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f()
+            times.append((time.perf_counter() - t0) * 1e3)
+        ms = statistics.median(times)
+        results.append({"shape": s, "ms_median": ms, "gflops": 2.0 * b * h * m * k * n / (ms * 1e6)})
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--method", required=True, choices=METHODS)
+    ap.add_argument("--method", choices=METHODS)
+    ap.add_argument("--kernels", help="JSON list of vqt-bench kernel shapes: time them and print [framework, results]")
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--preset", default="vit-s14-dinov2", choices=sorted(PRESETS))
     ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--batch", type=int, default=32)
@@ -198,6 +236,13 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    if a.kernels:
+        with torch.no_grad():
+            res = kernels(json.loads(a.kernels), a.reps)
+        print(json.dumps([f"torch {torch.__version__}", res]))
+        return
+    if not a.method:
+        ap.error("--method or --kernels is required")
     if a.method == "synqt":
         if not a.synqt_py:
             ap.error("--method synqt needs --synqt-py PATH (the official SynQT synqt.py)")
@@ -228,6 +273,18 @@ def main():
     text = open("/proc/self/status").read()
     peak = next(int(l.split()[1]) * 1024 for l in text.splitlines() if l.startswith("VmHWM:"))
     step_ms = statistics.median(times)
+    # Inference of the trained model (eval mode, no autograd), timed after the training peak was
+    # read, over the same batches, as `vqt-bench step` does.
+    vit.eval()
+    extra.eval()
+    infer = []
+    with torch.inference_mode():
+        for i, x in enumerate(images):
+            t0 = time.perf_counter()
+            forward(x)
+            if i >= a.warmup:
+                infer.append((time.perf_counter() - t0) * 1e3)
+    infer_ms = statistics.median(infer)
     print(json.dumps({
         "method": a.method,
         "framework": f"torch {torch.__version__}, timm {timm.__version__}, {a.threads} threads",
@@ -241,6 +298,8 @@ def main():
         "rss_baseline_bytes": baseline,
         "rss_peak_bytes": peak,
         "rss_train_bytes": max(peak - baseline, 0),
+        "infer_ms_median": infer_ms,
+        "infer_images_per_s": a.batch / (infer_ms / 1e3),
     }))
 
 

@@ -87,6 +87,9 @@ pub struct StepReport {
     pub cache_build_ms: Option<f64>,
     /// For `vqt-cached`: 100 epochs from the cache divided by one inference pass.
     pub cache_100_epochs_over_inference: Option<f64>,
+    /// For `vqt-cached`: the arithmetic floor of that ratio, [`cache_floor`].
+    #[serde(default)]
+    pub cache_floor_100_epochs: Option<f64>,
     /// For `vqt-cached`: storage dtype of the cache.
     pub cache_dtype: Option<CacheDtype>,
     /// For `vqt-cached`: images in the cache.
@@ -134,6 +137,34 @@ fn materialize<M: Module>(m: &M) {
     for d in m.devices() {
         let _ = d.sync();
     }
+}
+
+/// Multiply-add FLOPs of one trunk inference pass over one image (patch embedding left out: it
+/// is under 1% at these sizes): per block the four linear layers on every token and the two
+/// attention products.
+pub fn trunk_flops(vit: &VitConfig) -> f64 {
+    let t = ((vit.img_size / vit.patch_size).pow(2) + 1) as f64;
+    let d = vit.embed_dim as f64;
+    let hidden = d * vit.mlp_ratio;
+    vit.depth as f64 * (2.0 * t * (3.0 * d * d + d * d + 2.0 * d * hidden) + 4.0 * t * t * d)
+}
+
+/// FLOPs of one cached VQT epoch per image with `queries` queries per layer: for each query
+/// token and layer the q projection, attention over the cached keys and values, the output
+/// projection and the MLP, forward plus the input-gradient backward (the same products again;
+/// the frozen weights get no gradient).
+pub fn cached_vqt_epoch_flops(vit: &VitConfig, queries: usize) -> f64 {
+    let t = ((vit.img_size / vit.patch_size).pow(2) + 1) as f64;
+    let d = vit.embed_dim as f64;
+    let hidden = d * vit.mlp_ratio;
+    let per_query_layer = 2.0 * d * d + 4.0 * t * d + 2.0 * d * d + 4.0 * d * hidden;
+    2.0 * vit.depth as f64 * queries as f64 * per_query_layer
+}
+
+/// The floor of "100 cached VQT epochs over one trunk inference pass": the arithmetic ratio at
+/// equal throughput (about 0.85 at ViT-B/16 224 px and 2.6 at ViT-S/14 112 px).
+pub fn cache_floor(vit: &VitConfig, queries: usize) -> f64 {
+    100.0 * cached_vqt_epoch_flops(vit, queries) / trunk_flops(vit)
 }
 
 /// Options of one measurement.
@@ -281,6 +312,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         device_peak_bytes: device_peak,
         cache_build_ms,
         cache_100_epochs_over_inference: cache_ratio,
+        cache_floor_100_epochs: (method == "vqt-cached").then(|| cache_floor(&o.vit, 1)),
         cache_dtype: (method == "vqt-cached").then_some(o.cache_dtype),
         cache_images,
         cache_bytes,
@@ -347,17 +379,37 @@ pub fn markdown(reports: &[StepReport]) -> String {
     }
     for r in reports.iter().filter(|r| r.cache_100_epochs_over_inference.is_some()) {
         s += &format!(
-            "\nFeature cache ({}, {:?}): {} MiB of K/V for {} images, held in RAM (not in the train-memory column). Building it (one trunk inference pass) took {:.0} ms; 100 epochs of VQT from it cost {:.2}x that pass.\n",
+            "\nFeature cache ({}, {:?}): {} MiB of K/V for {} images, held in RAM (not in the train-memory column). Building it (one trunk inference pass) took {:.0} ms; 100 epochs of VQT from it cost {:.2}x that pass (arithmetic floor at equal throughput: {}).\n",
             r.method,
             r.cache_dtype.unwrap_or(CacheDtype::F32),
             mib(r.cache_bytes.map(|b| b as u64)),
             r.cache_images.unwrap_or(0),
             r.cache_build_ms.unwrap_or(f64::NAN),
-            r.cache_100_epochs_over_inference.unwrap()
+            r.cache_100_epochs_over_inference.unwrap(),
+            r.cache_floor_100_epochs.map(|f| format!("{f:.2}x")).unwrap_or_else(|| "–".into())
         );
     }
     if let Some(l) = reports.iter().filter_map(|r| r.load_avg).reduce(f64::max) {
         s += &format!("\nMax 1-minute load average during the runs: {l:.2} (timings swing with load on a shared machine).\n");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_floor_is_the_arithmetic_of_the_issue() {
+        let cfg = |name: &str, img| vqt_models::VitPreset::from_name(name).unwrap().config().with_img_size(img);
+        let (b16, s14) = (cfg("vit-b16", 224), cfg("vit-s14-dinov2", 112));
+        // ~35 and ~2.8 GFLOP per trunk pass; ~0.30 and ~0.073 GFLOP per cached epoch.
+        assert!((trunk_flops(&b16) / 1e9 - 34.9).abs() < 0.2, "{}", trunk_flops(&b16));
+        assert!((trunk_flops(&s14) / 1e9 - 2.84).abs() < 0.02, "{}", trunk_flops(&s14));
+        assert!((cached_vqt_epoch_flops(&b16, 1) / 1e9 - 0.30).abs() < 0.01);
+        assert!((cached_vqt_epoch_flops(&s14, 1) / 1e9 - 0.073).abs() < 0.002);
+        assert!((cache_floor(&b16, 1) - 0.85).abs() < 0.02, "{}", cache_floor(&b16, 1));
+        assert!((cache_floor(&s14, 1) - 2.58).abs() < 0.03, "{}", cache_floor(&s14, 1));
+        assert!((cache_floor(&s14, 2) - 2.0 * cache_floor(&s14, 1)).abs() < 1e-9);
+    }
 }

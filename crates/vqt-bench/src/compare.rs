@@ -22,6 +22,12 @@ pub struct TorchReport {
     pub train_images_per_s: f64,
     /// Peak RSS minus the RSS before the first step (bytes).
     pub rss_train_bytes: u64,
+    /// Median inference time of one batch (ms; eval mode, no autograd).
+    #[serde(default)]
+    pub infer_ms_median: Option<f64>,
+    /// Inference images per second at that median.
+    #[serde(default)]
+    pub infer_images_per_s: Option<f64>,
 }
 
 /// The PyTorch methods that a vqt-rs method is compared with. VQT has two: the official code's
@@ -55,6 +61,12 @@ impl CompareRow {
         self.torch.as_ref().map(|t| self.ours.step_ms_median / t.step_ms_median)
     }
 
+    /// Our inference throughput over PyTorch's (above 1: ours is faster).
+    pub fn infer_speed_ratio(&self) -> Option<f64> {
+        let t = self.torch.as_ref()?.infer_images_per_s?;
+        Some(self.ours.infer_images_per_s? / t)
+    }
+
     /// Our training memory over PyTorch's.
     pub fn memory_ratio(&self) -> Option<f64> {
         let t = self.torch.as_ref()?;
@@ -71,60 +83,91 @@ fn opt(x: Option<f64>, digits: usize) -> String {
     x.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "–".into())
 }
 
-/// The markdown table, with the targets of the issue stated beside the VQT rows.
-pub fn markdown(rows: &[CompareRow]) -> String {
+/// One target of the speed issue, checked against a measured ratio.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Target {
+    /// What is compared, e.g. `vqt / vqt-official step time`.
+    pub what: String,
+    /// The measured ratio.
+    pub ratio: f64,
+    /// `<=` or `>=`.
+    pub relation: String,
+    /// The bound.
+    pub bound: f64,
+    /// Whether the ratio is within the bound.
+    pub met: bool,
+}
+
+fn target(what: String, ratio: f64, at_most: bool, bound: f64) -> Target {
+    let met = if at_most { ratio <= bound } else { ratio >= bound };
+    Target { what, ratio, relation: if at_most { "≤" } else { "≥" }.into(), bound, met }
+}
+
+/// The targets: every step at most PyTorch's (VQT at most half the official-style form's and at
+/// most the trunk-style form's), inference at least PyTorch's throughput, and VQT's training
+/// memory no worse than the 0.18x of official-style VQT measured before the speed work.
+pub fn targets(rows: &[CompareRow]) -> Vec<Target> {
+    let mut v = Vec::new();
+    for r in rows {
+        let Some(t) = &r.torch else { continue };
+        let pair = format!("{} / {}", r.ours.method, t.method);
+        let step_bound = if t.method == "vqt-official" { 0.5 } else { 1.0 };
+        if let Some(x) = r.time_ratio() {
+            v.push(target(format!("{pair} step time"), x, true, step_bound));
+        }
+        if t.method == "vqt-official" {
+            if let Some(x) = r.memory_ratio() {
+                v.push(target(format!("{pair} training memory"), x, true, 0.18));
+            }
+        }
+        // One inference row per vqt-rs method (both VQT rows infer the same way in PyTorch).
+        if t.method != "vqt-trunk" {
+            if let Some(x) = r.infer_speed_ratio() {
+                v.push(target(format!("{pair} inference images/s"), x, false, 1.0));
+            }
+        }
+    }
+    v
+}
+
+/// The markdown table, with the targets checked below it.
+pub fn markdown(rows: &[CompareRow], cpu: &str) -> String {
     let mut s = String::new();
     if let (Some(r), Some(t)) = (rows.first(), rows.iter().find_map(|r| r.torch.as_ref())) {
         s += &format!(
-            "Backbone {} at {}px, batch {}; vqt-rs backend `{}` vs {}; random weights; each measurement in its own process, \
-             ours then PyTorch's per method; median step (forward, backward, optimizer) after warm-up; memory = peak RSS \
-             minus RSS before the first step.\n\n",
+            "Backbone {} at {}px, batch {}; vqt-rs backend `{}` vs {}; CPU: {cpu}; random weights; each measurement in its own process, \
+             ours then PyTorch's per method; median step (forward, backward, optimizer) after warm-up; inference = the trained model \
+             in eval mode without autograd, median per batch; memory = peak RSS minus RSS before the first step.\n\n",
             r.ours.backbone, r.ours.img_size, r.ours.batch, r.ours.backend, t.framework
         );
     }
-    s += "| method (ours) | PyTorch method | step ms ours | step ms PyTorch | time ours/PyTorch | train MiB ours | train MiB PyTorch | memory ours/PyTorch | trainable ours / PyTorch |\n";
-    s += "|---|---|---:|---:|---:|---:|---:|---:|---|\n";
+    s += "| method (ours) | PyTorch method | step ms ours | step ms PyTorch | time ours/PyTorch | infer img/s ours | infer img/s PyTorch | infer speed ours/PyTorch | train MiB ours | train MiB PyTorch | memory ours/PyTorch | trainable ours / PyTorch |\n";
+    s += "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
     for r in rows {
-        let (tname, tms, tmem, tparams) = match &r.torch {
-            Some(t) => (t.method.clone(), format!("{:.1}", t.step_ms_median), mib(Some(t.rss_train_bytes)), t.trainable_params.to_string()),
-            None => ("(none)".into(), "–".into(), "–".into(), "–".into()),
-        };
+        let t = r.torch.as_ref();
         s += &format!(
-            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} / {} |\n",
+            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |\n",
             r.ours.method,
-            tname,
+            t.map(|t| t.method.clone()).unwrap_or_else(|| "(none)".into()),
             r.ours.step_ms_median,
-            tms,
+            opt(t.map(|t| t.step_ms_median), 1),
             opt(r.time_ratio(), 2),
+            opt(r.ours.infer_images_per_s, 1),
+            opt(t.and_then(|t| t.infer_images_per_s), 1),
+            opt(r.infer_speed_ratio(), 2),
             mib(r.ours.rss_train_bytes),
-            tmem,
+            mib(t.map(|t| t.rss_train_bytes)),
             opt(r.memory_ratio(), 2),
             r.ours.trainable_params,
-            tparams
+            t.map(|t| t.trainable_params.to_string()).unwrap_or_else(|| "–".into())
         );
     }
-    if let Some(v) = rows.iter().find(|r| r.ours.method == "vqt" && r.torch.as_ref().is_some_and(|t| t.method == "vqt-official")) {
-        let met = |x: Option<f64>, target: f64| match x {
-            Some(x) if x <= target => format!("{x:.2} (met)"),
-            Some(x) => format!("{x:.2} (NOT met)"),
-            None => "–".into(),
-        };
-        s += &format!(
-            "\nTargets: VQT step time ≤ 0.5× PyTorch's official-style VQT: {}; peak training memory ≤ 0.3×: {}.\n",
-            met(v.time_ratio(), 0.5),
-            met(v.memory_ratio(), 0.3)
-        );
-    }
-    if let Some(f) = rows.iter().find(|r| r.ours.method == "full-ft") {
-        let x = f.time_ratio();
-        s += &format!(
-            "Full fine-tuning step time ≤ 1.2× PyTorch's: {}.\n",
-            match x {
-                Some(x) if x <= 1.2 => format!("{x:.2} (met)"),
-                Some(x) => format!("{x:.2} (NOT met)"),
-                None => "–".into(),
-            }
-        );
+    let ts = targets(rows);
+    if !ts.is_empty() {
+        s += &format!("\nTargets ({} of {} met):\n\n| ratio | measured | target | met |\n|---|---:|---:|---|\n", ts.iter().filter(|t| t.met).count(), ts.len());
+        for t in &ts {
+            s += &format!("| {} | {:.2} | {} {:.2} | {} |\n", t.what, t.ratio, t.relation, t.bound, if t.met { "yes" } else { "**no**" });
+        }
     }
     s
 }
@@ -139,13 +182,23 @@ mod tests {
             "trainable_params": 10, "total_params": 100, "step_ms_median": ms, "train_images_per_s": 1.0,
             "rss_baseline_bytes": 0, "rss_peak_bytes": mem, "rss_train_bytes": mem, "device_peak_bytes": null,
             "cache_build_ms": null, "cache_100_epochs_over_inference": null, "cache_dtype": null, "cache_images": null,
-            "cache_bytes": null, "load_avg": null
+            "cache_bytes": null, "load_avg": null, "infer_ms_median": 40.0, "infer_images_per_s": 800.0
         }))
         .unwrap()
     }
 
     fn torch(method: &str, ms: f64, mem: u64) -> TorchReport {
-        TorchReport { method: method.into(), framework: "torch x".into(), trainable_params: 10, total_params: 100, step_ms_median: ms, train_images_per_s: 1.0, rss_train_bytes: mem }
+        TorchReport {
+            method: method.into(),
+            framework: "torch x".into(),
+            trainable_params: 10,
+            total_params: 100,
+            step_ms_median: ms,
+            train_images_per_s: 1.0,
+            rss_train_bytes: mem,
+            infer_ms_median: Some(100.0),
+            infer_images_per_s: Some(320.0),
+        }
     }
 
     #[test]
@@ -158,11 +211,19 @@ mod tests {
         ];
         assert_eq!(rows[0].time_ratio(), Some(0.4));
         assert_eq!(rows[0].memory_ratio(), Some(0.5));
-        let md = markdown(&rows);
-        assert!(md.contains("≤ 0.5× PyTorch's official-style VQT: 0.40 (met)"), "{md}");
-        assert!(md.contains("≤ 0.3×: 0.50 (NOT met)"), "{md}");
-        assert!(md.contains("Full fine-tuning step time ≤ 1.2× PyTorch's: 1.30 (NOT met)"), "{md}");
+        let md = markdown(&rows, "test cpu");
+        let ts = targets(&rows);
+        let get = |w: &str| ts.iter().find(|t| t.what == w).unwrap_or_else(|| panic!("no target `{w}` in {ts:?}"));
+        assert!(get("vqt / vqt-official step time").met && get("vqt / vqt-official step time").bound == 0.5);
+        assert!(!get("vqt / vqt-official training memory").met, "0.5 > 0.18");
+        assert!(get("vqt / vqt-trunk step time").met, "0.8 <= 1");
+        assert!(!get("full-ft / full-ft step time").met, "1.3 > 1");
+        // ours 800 img/s (40 ms per 32) vs PyTorch's 320: met; one inference row per method.
+        assert!(get("vqt / vqt-official inference images/s").met);
+        assert!(ts.iter().all(|t| t.what != "vqt / vqt-trunk inference images/s"));
+        assert!(md.contains("| full-ft / full-ft step time | 1.30 | ≤ 1.00 | **no** |"), "{md}");
         assert!(md.contains("| synqt | (none) |"), "{md}");
+        assert!(md.contains("CPU: test cpu"), "{md}");
         assert_eq!(torch_counterparts("vqt", false), ["vqt-official", "vqt-trunk"]);
         assert!(torch_counterparts("synqt", false).is_empty());
         assert_eq!(torch_counterparts("synqt", true), ["synqt"]);

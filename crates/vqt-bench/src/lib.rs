@@ -4,5 +4,6 @@
 pub mod bench;
 pub mod compare;
 pub mod gpu_check;
+pub mod kernels;
 pub mod parity;
 pub mod report;

@@ -82,6 +82,29 @@ enum Command {
         #[arg(long, default_value = "bench-compare")]
         out: PathBuf,
     },
+    /// The backend's matmul GFLOP/s at the products that dominate a ViT step (the block's
+    /// linear layers forward and backward, the attention products), formed as the model forms
+    /// them, beside PyTorch's for the same shapes and threads (`--python`; `--no-torch` skips
+    /// it); writes `<out>.json` and `<out>.md`.
+    Kernels {
+        /// Python with torch.
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// The reference script.
+        #[arg(long, default_value = "tools/torch_bench.py")]
+        script: PathBuf,
+        /// Measure ours only.
+        #[arg(long)]
+        no_torch: bool,
+        /// Timed repetitions of each product.
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        #[command(flatten)]
+        shape: Shape,
+        /// Output path prefix.
+        #[arg(long, default_value = "bench-kernels")]
+        out: PathBuf,
+    },
     /// List the adapters every graphics API sees (nothing is opened).
     Devices,
     /// The one-command GPU check (scripts/gpu-check.sh): adapters, every parity fixture, memory
@@ -226,6 +249,14 @@ fn step_in_child(method: &str, shape: &Shape) -> Result<vqt_bench::bench::StepRe
     serde_json::from_str(String::from_utf8_lossy(&child.stdout).trim()).with_context(|| format!("{method}: bad child output"))
 }
 
+/// The threads both sides of a comparison use: `RAYON_NUM_THREADS`, else every core.
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
 fn main() {
     vqt_core::mem::tune_allocator();
     if let Err(e) = run() {
@@ -254,6 +285,55 @@ fn run() -> Result<()> {
                 std::process::exit(1);
             }
             println!("parity passed for {} fixture(s) on {backend}", reports.len());
+            Ok(())
+        }
+        Command::Kernels { python, script, no_torch, reps, shape, out } => {
+            let opts = shape.options()?;
+            anyhow::ensure!(reps > 0, "--reps must be positive");
+            let threads = rayon_threads();
+            let shapes = vqt_bench::kernels::vit_shapes(&opts.vit, opts.batch);
+            let torch = if no_torch {
+                None
+            } else {
+                anyhow::ensure!(script.is_file(), "{}: the PyTorch reference script is missing (or pass --no-torch)", script.display());
+                let spec = serde_json::to_string(&shapes)?;
+                let child = std::process::Command::new(&python)
+                    .arg(&script)
+                    .args(["--kernels", &spec, "--reps", &reps.to_string(), "--threads", &threads.to_string()])
+                    .output()
+                    .with_context(|| format!("{python}: cannot run the PyTorch reference"))?;
+                anyhow::ensure!(
+                    child.status.success(),
+                    "{} --kernels: {}",
+                    script.display(),
+                    String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output")
+                );
+                let out = String::from_utf8_lossy(&child.stdout);
+                let (framework, results): (String, Vec<vqt_bench::kernels::KernelResult>) =
+                    serde_json::from_str(out.trim().lines().last().unwrap_or("")).with_context(|| format!("{} --kernels: bad output", script.display()))?;
+                anyhow::ensure!(results.len() == shapes.len(), "{} --kernels: {} results for {} shapes", script.display(), results.len(), shapes.len());
+                Some((framework, results))
+            };
+            let device = make_device(shape.backend.parse()?, shape.device)?;
+            let mut rows = Vec::new();
+            for (i, s) in shapes.iter().enumerate() {
+                let ours = vqt_bench::kernels::measure(s, reps, &device).map_err(anyhow::Error::msg)?;
+                rows.push(vqt_bench::kernels::KernelRow { ours, torch: torch.as_ref().map(|(_, t)| t[i].clone()) });
+            }
+            let meta = vqt_bench::kernels::KernelsMeta {
+                backbone: shape.preset.clone(),
+                img_size: opts.vit.img_size,
+                batch: opts.batch,
+                backend: shape.backend.clone(),
+                threads,
+                torch: torch.map(|(f, _)| f),
+                cpu: vqt_bench::kernels::cpu_description(),
+            };
+            let profile = vqt_bench::kernels::block_profile(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
+            let md = vqt_bench::kernels::markdown(&meta, &rows) + &vqt_bench::kernels::profile_markdown(&profile);
+            write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&serde_json::json!({ "meta": meta, "rows": rows, "block_profile": profile }))?)?;
+            write_atomic(&out.with_extension("md"), &md)?;
+            print!("{md}");
             Ok(())
         }
         Command::Devices => {
@@ -318,10 +398,7 @@ fn run() -> Result<()> {
             if let Some(p) = &synqt_py {
                 anyhow::ensure!(p.is_file(), "{}: the official SynQT source is missing (--synqt-py)", p.display());
             }
-            let threads = std::env::var("RAYON_NUM_THREADS")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            let threads = rayon_threads();
             let mut rows = Vec::new();
             for method in method_list(&methods)? {
                 eprintln!("measuring {method} (vqt-rs) ...");
@@ -352,8 +429,10 @@ fn run() -> Result<()> {
                     rows.push(vqt_bench::compare::CompareRow { ours: ours.clone(), torch: Some(torch) });
                 }
             }
-            let md = vqt_bench::compare::markdown(&rows);
-            write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&rows)?)?;
+            let cpu = vqt_bench::kernels::cpu_description();
+            let md = vqt_bench::compare::markdown(&rows, &cpu);
+            let targets = vqt_bench::compare::targets(&rows);
+            write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&serde_json::json!({ "cpu": cpu, "rows": rows, "targets": targets }))?)?;
             write_atomic(&out.with_extension("md"), &md)?;
             print!("{md}");
             Ok(())

@@ -254,12 +254,21 @@ pub fn make_device(backend: BackendKind, index: Option<usize>) -> Result<Device,
         BackendKind::Cpu => Ok(Device::flex()),
         BackendKind::Ndarray => ndarray_device(),
         BackendKind::Wgpu => wgpu_device(backend, WgpuBackend::Auto, gpu()),
-        BackendKind::WgpuCpu => wgpu_device(backend, WgpuBackend::Auto, DeviceKind::Cpu),
+        BackendKind::WgpuCpu => wgpu_device(backend, CPU_ADAPTER_API, DeviceKind::Cpu),
         BackendKind::Vulkan => wgpu_device(backend, WgpuBackend::Vulkan, gpu()),
         BackendKind::VulkanCpu => wgpu_device(backend, WgpuBackend::Vulkan, DeviceKind::Cpu),
         BackendKind::Cuda => cuda_device(index.unwrap_or(0)),
     }
 }
+
+/// The graphics API of `wgpu-cpu`. On Linux, OpenGL (Mesa's llvmpipe): left to choose, wgpu
+/// picks Vulkan whenever Mesa's lavapipe is installed (Debian's `libvulkan1` recommends it), and
+/// lavapipe segfaults compiling cubecl's SPIR-V matmul kernels (README, "Backends"), so
+/// `wgpu-cpu` would crash on any machine with it. `vulkan-cpu` is the lavapipe path.
+#[cfg(target_os = "linux")]
+const CPU_ADAPTER_API: WgpuBackend = WgpuBackend::Gl;
+#[cfg(not(target_os = "linux"))]
+const CPU_ADAPTER_API: WgpuBackend = WgpuBackend::Auto;
 
 /// Brings up (once per process) the wgpu runtime for `kind` on graphics API `api`.
 ///

@@ -25,9 +25,17 @@ struct Cli {
     /// reduced precision, not mixed).
     #[arg(long, global = true, default_value = "f32")]
     precision: String,
+    /// What to do; without one, the default demo run: VQT (one query per layer, from the K/V
+    /// feature cache) on the real DINOv2 ViT-S/14 + Fashion-MNIST task of
+    /// configs/experiments/fmnist-dinov2s-vqt.toml, into runs/default-vqt (reused if complete).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
+
+/// The default run's config, its output and the demo's VQT recipe (scripts/demo.sh).
+const DEFAULT_CONFIG: &str = "configs/experiments/fmnist-dinov2s-vqt.toml";
+const DEFAULT_OUT: &str = "runs/default-vqt";
+const DEFAULT_OVERRIDES: [&str; 2] = ["train.optimizer=\"adam\"", "train.lr=0.05"];
 
 #[derive(Subcommand)]
 enum Command {
@@ -129,6 +137,54 @@ fn main() {
     }
 }
 
+/// `vqt-train --backend X` with no subcommand: the demo's VQT run, after checking (without
+/// fetching anything) that its config and assets are here.
+fn default_run(backend: BackendKind, index: Option<usize>, precision: Precision, devices: Vec<(usize, burn::tensor::Device)>) -> Result<()> {
+    let config = PathBuf::from(DEFAULT_CONFIG);
+    anyhow::ensure!(
+        config.is_file(),
+        "{DEFAULT_CONFIG} not found: run vqt-train from the repository root (or give a subcommand; see --help)"
+    );
+    let overrides: Vec<String> = DEFAULT_OVERRIDES.iter().map(|s| s.to_string()).collect();
+    let cfg = vqt_train::config::load(&config, &overrides)?;
+    let mut needed: Vec<PathBuf> = cfg.backbone.checkpoint.iter().cloned().collect();
+    if let vqt_train::config::DataConfig::Idx { train_images, train_labels, test_images, test_labels, .. } = &cfg.data {
+        needed.extend([train_images, train_labels, test_images, test_labels].map(|p| p.clone()));
+    }
+    if let Some(missing) = needed.iter().find(|p| !p.is_file()) {
+        anyhow::bail!(
+            "{}: missing: run `bash scripts/fetch-assets.sh` first (it installs the DINOv2 ViT-S/14 weights and Fashion-MNIST, offline), then `vqt-train --backend {backend}` again",
+            missing.display()
+        );
+    }
+    let out = PathBuf::from(DEFAULT_OUT);
+    eprintln!(
+        "no subcommand: the default demo run, VQT on DINOv2 ViT-S/14 + Fashion-MNIST ({DEFAULT_CONFIG} with {}) -> {} (see --help for the subcommands)",
+        DEFAULT_OVERRIDES.join(" "),
+        out.display()
+    );
+    let device = device(backend, index, precision)?;
+    let opts = vqt_train::run::TrainOptions { resume: false, overwrite: false, device_index: index, precision, devices };
+    let r = vqt_train::run::train_or_reuse(&cfg, backend.name(), &device, &out, opts)?;
+    print_result(&r, &out);
+    Ok(())
+}
+
+fn print_result(r: &vqt_train::run::RunRecord, out: &std::path::Path) {
+    println!(
+        "{} on {}: val {:.2}%, test {:.2}% ({} test images), {} trainable / {} params, {:.1}s -> {}",
+        r.method,
+        r.backend,
+        r.val_accuracy,
+        r.test_accuracy,
+        r.split_sizes[2],
+        r.trainable_params,
+        r.total_params,
+        r.wall_seconds,
+        out.join("run.json").display()
+    );
+}
+
 /// The plain device of `backend`, in the requested precision.
 fn device(backend: BackendKind, index: Option<usize>, precision: Precision) -> Result<burn::tensor::Device> {
     let mut d = make_device(backend, index)?;
@@ -148,7 +204,10 @@ fn run() -> Result<()> {
         devices.push((i, device(backend, Some(i), precision)?));
     }
     let index = index.or(cli.devices.first().copied());
-    match cli.command {
+    let Some(command) = cli.command else {
+        return default_run(backend, index, precision, devices);
+    };
+    match command {
         Command::Cache { config, overrides, out } => {
             let cfg = vqt_train::config::load(&config, &overrides)?;
             let path = out
@@ -193,18 +252,7 @@ fn run() -> Result<()> {
             let device = device(backend, index, precision)?;
             let opts = vqt_train::run::TrainOptions { resume, overwrite, device_index: index, precision, devices };
             let r = vqt_train::run::train(&cfg, backend.name(), &device, &out, opts)?;
-            println!(
-                "{} on {}: val {:.2}%, test {:.2}% ({} test images), {} trainable / {} params, {:.1}s -> {}",
-                r.method,
-                r.backend,
-                r.val_accuracy,
-                r.test_accuracy,
-                r.split_sizes[2],
-                r.trainable_params,
-                r.total_params,
-                r.wall_seconds,
-                out.join("run.json").display()
-            );
+            print_result(&r, &out);
             Ok(())
         }
     }

@@ -206,6 +206,23 @@ fn bad_input_is_one_line_with_exit_code_2() {
     assert!(e.contains("data.train_range [0, 500] exceeds the 60 images"), "{e}");
 }
 
+/// `vqt-train --backend X` without a subcommand is the default demo run; without its config or
+/// its assets it says what to do in one line (and fetches nothing).
+#[test]
+fn no_subcommand_is_the_default_run_and_names_what_is_missing() {
+    let e = err_of(&["--backend", "cpu"]);
+    assert!(e.contains("configs/experiments/fmnist-dinov2s-vqt.toml not found: run vqt-train from the repository root"), "{e}");
+    let cwd = tmp("default-run");
+    std::fs::create_dir_all(cwd.join("configs/experiments")).unwrap();
+    std::fs::copy(root().join("configs/experiments/fmnist-dinov2s-vqt.toml"), cwd.join("configs/experiments/fmnist-dinov2s-vqt.toml")).unwrap();
+    let o = bin().current_dir(&cwd).args(["--backend", "cpu"]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "not one line: {e}");
+    assert!(e.contains("assets-cache/dinov2-s14/model.safetensors: missing: run `bash scripts/fetch-assets.sh` first"), "{e}");
+    assert!(!cwd.join("assets-cache").exists() && !cwd.join("runs").exists(), "nothing is fetched or written");
+}
+
 const ADAPTFORMER: &str = "kind = \"linear\"\n[tuners.adaptformer]\nbottleneck = 4\nscale = 0.1\ndropout = 0.0";
 
 /// A tuned method (AdaptFormer, full path) and VQT from the feature cache (trunk path) through

@@ -4,7 +4,10 @@
 //! |---|---|---|
 //! | `.safetensors` | [`safetensors`](https://docs.rs/safetensors) | timm, HF `ViTModel`, HF `Dinov2Model` |
 //! | `.pth` / `.pt` / `.bin` | burn-store's `PytorchReader` (pickle + zip, no TorchScript) | timm, HF |
-//! | `.npz` | [`jax_npz`]: zip + npy header | Google vit_jax / big_vision |
+//! | `.npz` | [`raw::read_npz`]: zip + npy header | Google vit_jax / big_vision ([`jax_npz`]) |
+//!
+//! [`raw`] reads containers; [`timm`], [`hf`] and [`jax_npz`] convert source names and layouts
+//! and depend on `raw` only for its [`RawTensors`] (never the other way round).
 //!
 //! Errors are one line naming the file (and key where there is one).
 

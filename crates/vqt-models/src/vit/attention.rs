@@ -3,7 +3,8 @@ use crate::tuners::ssf::{self, Ssf};
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::activation::softmax;
-use burn::tensor::module::linear;
+use burn::tensor::module::{attention, linear};
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 
 /// timm's multi-head self-attention with a fused qkv projection.
@@ -68,6 +69,16 @@ impl Attention {
     pub fn qkv(&self, a: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let d = self.width();
         let qkv = self.qkv.forward(a.clone());
+        if self.lora.is_none() && self.ssf_qkv.is_none() {
+            // timm's split: [B, N, 3·D] -> [B, N, 3, H, Dh] -> [3, B, H, N, Dh] (views), then one
+            // copy per part into a contiguous [B, H, N, Dh] (instead of a copy into [B, N, H, Dh]
+            // and another when the attention kernel wants it contiguous).
+            let [b, n, _] = qkv.dims();
+            let h = self.num_heads;
+            let parts = qkv.reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
+            let part = |i: usize| parts.clone().narrow(0, i, 1).reshape([b, h, n, d / h]);
+            return (part(0), part(1), part(2));
+        }
         let q = self.tune_part(0, &a, qkv.clone().narrow(2, 0, d));
         let k = self.tune_part(1, &a, qkv.clone().narrow(2, d, d));
         let v = self.tune_part(2, &a, qkv.narrow(2, 2 * d, d));
@@ -96,7 +107,16 @@ impl Attention {
     }
 
     /// `softmax(q·kᵀ/√Dh)·v` with heads merged: `[B, H, Nq, Dh]` x `[B, H, Nk, Dh]` -> `[B, Nq, D]`.
+    ///
+    /// Without autodiff on Flex (the frozen trunk, inference, the cache build) this is Burn's
+    /// fused `attention` op (per head: one product, scale and softmax in place, one product);
+    /// elsewhere the same arithmetic composed from matmul and softmax, which is what Burn's
+    /// autodiff does with `attention` anyway.
     pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+        let device = q.device();
+        if !device.is_autodiff() && crate::ops::is_flex(&device) {
+            return merge_heads(attention(q, k, v, None, None, AttentionModuleOptions::default()));
+        }
         let dh = q.dims()[3];
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (dh as f64).sqrt());
         merge_heads(softmax(scores, 3).matmul(v))

@@ -1,0 +1,355 @@
+//! `vqt-bench kernels`: the backend's matmul throughput at the shapes that dominate a ViT step,
+//! called the way the model calls them, beside PyTorch's for the same shapes and threads.
+//!
+//! Every step of every method is mostly these products: the four linear layers of a block
+//! (qkv, proj, fc1, fc2) forward and, for methods that train through the backbone, their two
+//! backward products (input gradient `dY·Wᵀ` and weight gradient `Xᵀ·dY`), plus the two
+//! per-head attention products (`q·kᵀ` and `p·v`). The report gives each one's GFLOP/s, so a
+//! step's time can be set against the ceiling of its own kernels.
+
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+use vqt_models::VitConfig;
+
+/// How a product is formed (the same op in the model and in the PyTorch script).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelOp {
+    /// `linear(x: [B, T, K], W: [K, N])` (Burn's `Linear::forward`; PyTorch `F.linear`).
+    Linear,
+    /// The input gradient `dY: [B, T, N] · Wᵀ` (Burn's `linear_x_backward`).
+    LinearDx,
+    /// The weight gradient `Xᵀ: [K, B·T] · dY: [B·T, N]` (Burn's `linear_weight_backward`).
+    LinearDw,
+    /// Attention scores `q · kᵀ`, q and k `[B, H, T, Dh]` head views of a fused qkv output.
+    Scores,
+    /// Attention output `p · v`, p `[B, H, T, T]`, v a head view of a fused qkv output.
+    Av,
+}
+
+/// One product to measure: `b` batches of `[m, k] · [k, n]` (for the linear ops `b` is the batch
+/// and `m` the tokens, so the rows of the folded product are `b·m`; for the attention ops `b` is
+/// batch × heads).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KernelShape {
+    /// What it is in the model, e.g. `fc1` or `attn q·kᵀ`.
+    pub name: String,
+    /// How it is formed.
+    pub op: KernelOp,
+    /// Images in the batch.
+    pub batch: usize,
+    /// Attention heads (attention ops; 1 otherwise).
+    pub heads: usize,
+    /// Rows per batch.
+    pub m: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// Output columns.
+    pub n: usize,
+}
+
+impl KernelShape {
+    /// Floating-point operations of one product (2 per multiply-add).
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.batch * self.heads) as f64 * self.m as f64 * self.k as f64 * self.n as f64
+    }
+}
+
+/// The products of one training step of a ViT of this shape at this batch, each once (a block
+/// has each of them once; the step has them `depth` times).
+pub fn vit_shapes(vit: &VitConfig, batch: usize) -> Vec<KernelShape> {
+    let t = (vit.img_size / vit.patch_size).pow(2) + 1;
+    let d = vit.embed_dim;
+    let hidden = (d as f64 * vit.mlp_ratio) as usize;
+    let (h, dh) = (vit.num_heads, vit.embed_dim / vit.num_heads);
+    let lin = |name: &str, op, k, n| KernelShape { name: name.into(), op, batch, heads: 1, m: t, k, n };
+    let mut v = Vec::new();
+    for (name, k, n) in [("qkv", d, 3 * d), ("proj", d, d), ("fc1", d, hidden), ("fc2", hidden, d)] {
+        v.push(lin(name, KernelOp::Linear, k, n));
+    }
+    for (name, k, n) in [("qkv", d, 3 * d), ("fc1", d, hidden), ("fc2", hidden, d)] {
+        // dX = dY·Wᵀ: [B·T, n]·[n, k]; dW = Xᵀ·dY: [k, B·T]·[B·T, n].
+        v.push(KernelShape { name: format!("{name} dX"), op: KernelOp::LinearDx, batch, heads: 1, m: t, k: n, n: k });
+        v.push(KernelShape { name: format!("{name} dW"), op: KernelOp::LinearDw, batch: 1, heads: 1, m: k, k: batch * t, n });
+    }
+    v.push(KernelShape { name: "attn q·kᵀ".into(), op: KernelOp::Scores, batch, heads: h, m: t, k: dh, n: t });
+    v.push(KernelShape { name: "attn p·v".into(), op: KernelOp::Av, batch, heads: h, m: t, k: t, n: dh });
+    v
+}
+
+/// One measured product.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KernelResult {
+    /// The product.
+    pub shape: KernelShape,
+    /// Median time of one product (ms).
+    pub ms_median: f64,
+    /// Throughput at that median.
+    pub gflops: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times `f` (which must finish its work before returning) `reps` times after one warm-up.
+fn time_median(reps: usize, device: &Device, mut f: impl FnMut()) -> Result<f64, String> {
+    f();
+    device.sync().map_err(|e| e.to_string())?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f();
+        device.sync().map_err(|e| e.to_string())?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(times))
+}
+
+/// `[B, T, 3·D]` -> one of its thirds as heads `[B, H, T, Dh]` (a strided view, as in the model).
+fn head_view(qkv: &Tensor<3>, part: usize, heads: usize) -> Tensor<4> {
+    let [_, _, d3] = qkv.dims();
+    let d = d3 / 3;
+    vqt_models::vit::split_heads(qkv.clone().narrow(2, part * d, d), heads)
+}
+
+/// Measures one product on `device` (non-autodiff), as the model forms it.
+pub fn measure(shape: &KernelShape, reps: usize, device: &Device) -> Result<KernelResult, String> {
+    let device = device.clone().without_autodiff();
+    let rnd3 = |dims: [usize; 3]| Tensor::<3>::random(dims, Distribution::Normal(0.0, 1.0), &device);
+    let rnd2 = |dims: [usize; 2]| Tensor::<2>::random(dims, Distribution::Normal(0.0, 1.0), &device);
+    let s = shape;
+    let ms = match s.op {
+        KernelOp::Linear => {
+            let (x, w) = (rnd3([s.batch, s.m, s.k]), rnd2([s.k, s.n]));
+            time_median(reps, &device, || drop(linear(x.clone(), w.clone(), None)))?
+        }
+        KernelOp::LinearDx => {
+            // The weight is stored [n, k] (= Burn's [in, out] of the forward layer) and used
+            // transposed, as `linear_x_backward` does.
+            let (dy, w) = (rnd3([s.batch, s.m, s.k]), rnd2([s.n, s.k]));
+            time_median(reps, &device, || drop(linear(dy.clone(), w.clone().swap_dims(0, 1), None)))?
+        }
+        KernelOp::LinearDw => {
+            let (x, dy) = (rnd2([s.k, s.m]), rnd2([s.k, s.n]));
+            time_median(reps, &device, || drop(x.clone().swap_dims(0, 1).matmul(dy.clone())))?
+        }
+        KernelOp::Scores => {
+            let qkv = rnd3([s.batch, s.m, 3 * s.heads * s.k]);
+            time_median(reps, &device, || {
+                let (q, k) = (head_view(&qkv, 0, s.heads), head_view(&qkv, 1, s.heads));
+                drop(q.matmul(k.swap_dims(2, 3)))
+            })?
+        }
+        KernelOp::Av => {
+            let qkv = rnd3([s.batch, s.m, 3 * s.heads * s.n]);
+            let p = Tensor::<4>::random([s.batch, s.heads, s.m, s.k], Distribution::Default, &device);
+            time_median(reps, &device, || drop(p.clone().matmul(head_view(&qkv, 2, s.heads))))?
+        }
+    };
+    Ok(KernelResult { shape: shape.clone(), ms_median: ms, gflops: s.flops() / (ms * 1e6) })
+}
+
+/// Where one block's forward spends its time, stage by stage, on the frozen trunk path (no
+/// autodiff): each stage run on its own input and timed alone (median of `reps`), through the
+/// model's own code (`Block`, `Attention`, `Mlp`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageTime {
+    /// The stage.
+    pub stage: String,
+    /// Median time (ms).
+    pub ms_median: f64,
+    /// Its matmul FLOPs, if it has any.
+    pub gflop: Option<f64>,
+}
+
+/// The stages of one block's forward at this shape (see [`StageTime`]).
+pub fn block_profile(vit: &VitConfig, batch: usize, reps: usize, device: &Device) -> Result<Vec<StageTime>, String> {
+    use vqt_models::vit::Attention;
+    let device = device.clone().without_autodiff();
+    let model = vit.init(&device);
+    let block = &model.blocks[0];
+    let t = (vit.img_size / vit.patch_size).pow(2) + 1;
+    let d = vit.embed_dim;
+    let hidden = (d as f64 * vit.mlp_ratio) as usize;
+    let z = Tensor::<3>::random([batch, t, d], Distribution::Normal(0.0, 1.0), &device);
+    let a = block.norm1_out(z.clone());
+    let (q, k, v) = block.attn.qkv(a.clone());
+    let o = Attention::attend(q.clone(), k.clone(), v.clone());
+    let h = block.mlp.fc1.forward(a.clone());
+    let g = vqt_models::ops::gelu(h.clone());
+    let rows = (batch * t) as f64;
+    let lin = |k: usize, n: usize| Some(2.0 * rows * k as f64 * n as f64 / 1e9);
+    let attn_flops = Some(4.0 * (batch * vit.num_heads) as f64 * (t * t * (d / vit.num_heads)) as f64 / 1e9);
+    let mut out = Vec::new();
+    let mut stage = |name: &str, gflop: Option<f64>, f: &mut dyn FnMut()| -> Result<(), String> {
+        out.push(StageTime { stage: name.into(), ms_median: time_median(reps, &device, f)?, gflop });
+        Ok(())
+    };
+    stage("LayerNorm 1", None, &mut || drop(block.norm1_out(z.clone())))?;
+    stage("qkv projection + head split", lin(d, 3 * d), &mut || drop(block.attn.qkv(a.clone())))?;
+    stage("attention (q·kᵀ, softmax, p·v, merge heads)", attn_flops, &mut || drop(Attention::attend(q.clone(), k.clone(), v.clone())))?;
+    stage("output projection", lin(d, d), &mut || drop(block.attn.project_out(o.clone())))?;
+    stage("residual add", None, &mut || drop(z.clone() + o.clone()))?;
+    stage("LayerNorm 2", None, &mut || drop(block.norm2.forward(z.clone())))?;
+    stage("fc1", lin(d, hidden), &mut || drop(block.mlp.fc1.forward(a.clone())))?;
+    stage("GELU", None, &mut || drop(vqt_models::ops::gelu(h.clone())))?;
+    stage("fc2", lin(hidden, d), &mut || drop(block.mlp.fc2.forward(g.clone())))?;
+    stage("whole block", None, &mut || drop(block.forward(z.clone())))?;
+    Ok(out)
+}
+
+/// One row of the report: ours and, where measured, PyTorch's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KernelRow {
+    /// Ours.
+    pub ours: KernelResult,
+    /// PyTorch's for the same shape.
+    pub torch: Option<KernelResult>,
+}
+
+/// Header facts of a kernels report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KernelsMeta {
+    /// Backbone preset.
+    pub backbone: String,
+    /// Input size.
+    pub img_size: usize,
+    /// Batch.
+    pub batch: usize,
+    /// Backend of our side.
+    pub backend: String,
+    /// Threads of both sides.
+    pub threads: usize,
+    /// PyTorch's versions, if measured.
+    pub torch: Option<String>,
+    /// The CPU (`lscpu` model name, family and model).
+    pub cpu: String,
+}
+
+/// The CPU this ran on, as lscpu names it (the figures differ between Zen 4 and Zen 5).
+pub fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|n| n.trim() == k))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    let avx512 = info.lines().find(|l| l.starts_with("flags")).is_some_and(|l| l.split_whitespace().any(|f| f == "avx512f"));
+    format!(
+        "{} (family {}, model {}{})",
+        field("model name"),
+        field("cpu family"),
+        field("model"),
+        if avx512 { ", avx512f" } else { ", no avx512f" }
+    )
+}
+
+/// The markdown table of a block profile.
+pub fn profile_markdown(stages: &[StageTime]) -> String {
+    let whole = stages.iter().find(|s| s.stage == "whole block").map(|s| s.ms_median);
+    let parts: f64 = stages.iter().filter(|s| s.stage != "whole block").map(|s| s.ms_median).sum();
+    let mut s = String::from(
+        "\nOne block's forward on the frozen trunk path (no autodiff), stage by stage through the model's code, each timed alone:\n\n\
+         | stage | ms | share of the stages | GFLOP/s |\n|---|---:|---:|---:|\n",
+    );
+    for st in stages {
+        let share = if st.stage == "whole block" { "–".to_string() } else { format!("{:.0}%", 100.0 * st.ms_median / parts) };
+        s += &format!(
+            "| {} | {:.2} | {} | {} |\n",
+            st.stage,
+            st.ms_median,
+            share,
+            st.gflop.map(|g| format!("{:.0}", g / (st.ms_median / 1e3))).unwrap_or_else(|| "–".into())
+        );
+    }
+    if let Some(w) = whole {
+        s += &format!("\nThe stages sum to {parts:.2} ms; the whole block took {w:.2} ms.\n");
+    }
+    s
+}
+
+/// The markdown table.
+pub fn markdown(meta: &KernelsMeta, rows: &[KernelRow]) -> String {
+    let mut s = format!(
+        "Matmul throughput at the shapes of one ViT step: {} at {} px, batch {}, vqt-rs backend `{}`{}, {} threads each; CPU: {}. \
+         Each product formed as the model forms it (linear layers through `linear`, head views of a fused qkv output); median of timed repetitions after a warm-up.\n\n",
+        meta.backbone,
+        meta.img_size,
+        meta.batch,
+        meta.backend,
+        meta.torch.as_ref().map(|t| format!(" vs {t}")).unwrap_or_default(),
+        meta.threads,
+        meta.cpu
+    );
+    s += "| product | shape (batches × [m,k]·[k,n]) | GFLOP | ms ours | GFLOP/s ours | ms PyTorch | GFLOP/s PyTorch | ours / PyTorch (GFLOP/s) |\n|---|---|---:|---:|---:|---:|---:|---:|\n";
+    for r in rows {
+        let sh = &r.ours.shape;
+        let (tms, tg, ratio) = match &r.torch {
+            Some(t) => (format!("{:.3}", t.ms_median), format!("{:.0}", t.gflops), format!("{:.2}", r.ours.gflops / t.gflops)),
+            None => ("–".into(), "–".into(), "–".into()),
+        };
+        s += &format!(
+            "| {} | {} × [{},{}]·[{},{}] | {:.3} | {:.3} | {:.0} | {} | {} | {} |\n",
+            sh.name,
+            sh.batch * sh.heads,
+            sh.m,
+            sh.k,
+            sh.k,
+            sh.n,
+            sh.flops() / 1e9,
+            r.ours.ms_median,
+            r.ours.gflops,
+            tms,
+            tg,
+            ratio
+        );
+    }
+    let total = |f: &dyn Fn(&KernelRow) -> Option<f64>| rows.iter().map(f).sum::<Option<f64>>();
+    let flops: f64 = rows.iter().map(|r| r.ours.shape.flops()).sum();
+    let ours_ms = total(&|r| Some(r.ours.ms_median)).unwrap_or(f64::NAN);
+    s += &format!("\nAll products once: {:.2} GFLOP in {:.1} ms ours ({:.0} GFLOP/s)", flops / 1e9, ours_ms, flops / (ours_ms * 1e6));
+    if let Some(t) = total(&|r| r.torch.as_ref().map(|t| t.ms_median)) {
+        s += &format!(", {:.1} ms PyTorch ({:.0} GFLOP/s)", t, flops / (t * 1e6));
+    }
+    s += ".\n";
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_count_the_flops_of_a_block() {
+        let vit = vqt_models::VitPreset::from_name("vit-s14-dinov2").unwrap().config().with_img_size(112);
+        let shapes = vit_shapes(&vit, 32);
+        let fwd: f64 = shapes.iter().filter(|s| matches!(s.op, KernelOp::Linear | KernelOp::Scores | KernelOp::Av)).map(KernelShape::flops).sum();
+        // 65 tokens x 32 images; the four linears 2·2080·384·(1152+384+1536+1536) and the
+        // attention 2·2·192·65·65·64.
+        let want = 2.0 * 2080.0 * 384.0 * (1152.0 + 384.0 + 1536.0 + 1536.0) + 4.0 * 192.0 * 65.0 * 65.0 * 64.0;
+        assert!((fwd - want).abs() < 1.0, "{fwd} vs {want}");
+        // The weight gradient folds the batch into its inner dimension.
+        let dw = shapes.iter().find(|s| s.name == "fc1 dW").unwrap();
+        assert_eq!((dw.batch, dw.m, dw.k, dw.n), (1, 384, 2080, 1536));
+    }
+
+    #[test]
+    fn measured_products_report_their_throughput() {
+        let device = Device::flex();
+        let vit = vqt_models::VitPreset::from_name("vit-ti16").unwrap().config().with_img_size(32);
+        for s in vit_shapes(&vit, 2) {
+            let r = measure(&s, 2, &device).unwrap();
+            assert!(r.ms_median > 0.0 && r.gflops.is_finite() && r.gflops > 0.0, "{r:?}");
+        }
+        let stages = block_profile(&vit, 2, 2, &device).unwrap();
+        assert_eq!(stages.len(), 10);
+        assert!(stages.iter().all(|s| s.ms_median > 0.0));
+        assert!(profile_markdown(&stages).contains("| whole block |"));
+    }
+}

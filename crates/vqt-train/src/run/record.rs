@@ -1,0 +1,138 @@
+//! The run record (`run.json`) and its parts.
+
+use crate::config::ExperimentConfig;
+use crate::progress::EpochMetrics;
+use crate::rundir::RUN_FILE;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use vqt_core::data::files::Skipped;
+
+/// What `run.json` holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The resolved configuration.
+    pub config: ExperimentConfig,
+    /// Backend name.
+    pub backend: String,
+    /// Device index, if one was given.
+    pub device_index: Option<usize>,
+    /// Float precision of every tensor (`--precision`).
+    #[serde(default = "f32_name")]
+    pub precision: String,
+    /// Device indices of a data-parallel run (`--devices`); empty for one device.
+    #[serde(default)]
+    pub devices: Vec<usize>,
+    /// Checkpoint identity (absent for a random backbone).
+    pub checkpoint: Option<CheckpointRecord>,
+    /// Method name (`vqt`, `linear+lora`, `vqt+adaptformer`, …).
+    pub method: String,
+    /// `trunk` (frozen backbone without autodiff) or `full` (tuned backbone on the tape).
+    pub path: String,
+    /// Normalisation preset of the inputs.
+    pub normalization: String,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// All parameters (backbone + tuners + method).
+    pub total_params: usize,
+    /// Images per split.
+    pub split_sizes: [usize; 3],
+    /// Items `skip_bad` skipped, per split (empty when nothing was skipped).
+    #[serde(default)]
+    pub data_skipped: BTreeMap<String, Skipped>,
+    /// Feature cache: mode, dtype, bytes, build seconds.
+    pub cache: Option<CacheRecord>,
+    /// End-of-epoch training and validation metrics (loss, accuracy, lr).
+    pub epochs: Vec<EpochMetrics>,
+    /// Head2Toe feature selection (`head2toe` in the config): the selection and the earlier
+    /// stages. With it, `epochs` and the accuracies are stage B's, and `trainable_params` counts
+    /// the final model's learned tensors (the VQT stage's queries and stage B's head).
+    #[serde(default)]
+    pub head2toe: Option<Head2ToeRecord>,
+    /// The epoch this run resumed from, if it did (the VQT stage's, with Head2Toe).
+    pub resumed_from_epoch: Option<usize>,
+    /// Validation accuracy (%) at the last epoch.
+    pub val_accuracy: f64,
+    /// Test accuracy (%) at the last epoch (scored once, after training).
+    pub test_accuracy: f64,
+    /// Trainable parameters of the final model (safetensors, relative to the run directory).
+    pub trainable_file: String,
+    /// Process peak resident memory (bytes), Linux only.
+    pub peak_rss_bytes: Option<u64>,
+    /// Wall time of this invocation (seconds).
+    pub wall_seconds: f64,
+    /// The allocator settings the process ran with (they change speed, not results).
+    #[serde(default)]
+    pub allocator: String,
+    /// `git rev-parse HEAD` of the working directory, if available.
+    pub git_revision: Option<String>,
+}
+
+/// Checkpoint identity for the record.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// File.
+    pub path: PathBuf,
+    /// sha256.
+    pub sha256: String,
+    /// Detected naming.
+    pub naming: String,
+    /// How the position table was resampled, if it was.
+    pub pos_embed_resampled: Option<String>,
+}
+
+/// Feature-cache facts for the record.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CacheRecord {
+    /// `kv` or `hidden`.
+    pub mode: String,
+    /// `f32` or `f16`.
+    pub dtype: String,
+    /// Host bytes.
+    pub bytes: usize,
+    /// Seconds to build (one trunk pass over the training split), or to open and verify a
+    /// cache file.
+    pub build_seconds: f64,
+    /// True when the cache was read from `train.cache_file` (built by an earlier run or
+    /// `vqt-train cache`), false when this run built it.
+    #[serde(default)]
+    pub from_file: bool,
+}
+
+/// What the Head2Toe stages add to `run.json` (the run's top-level `epochs`, `val_accuracy` and
+/// `test_accuracy` are stage B's; its `trainable_file` holds the VQT stage's queries and head).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Head2ToeRecord {
+    /// Width F of the full head input `[cls, every layer's query outputs]`.
+    pub features: usize,
+    /// Kept feature indices into it, highest stage-A score first (`int(F·keep)` of them).
+    pub selection: Vec<usize>,
+    /// Validation accuracy (%) of the VQT stage at its last epoch.
+    pub vqt_val_accuracy: f64,
+    /// Per-epoch metrics of the VQT stage.
+    pub vqt_epochs: Vec<EpochMetrics>,
+    /// Validation accuracy (%) of stage A (compress) at its last epoch.
+    pub compress_val_accuracy: f64,
+    /// Per-epoch metrics of stage A.
+    pub compress_epochs: Vec<EpochMetrics>,
+    /// Stage B's head (safetensors, relative to the run directory).
+    pub featselect_file: String,
+}
+
+fn f32_name() -> String {
+    "f32".into()
+}
+
+/// `git rev-parse HEAD` of the working directory, if available.
+pub(crate) fn git_revision() -> Option<String> {
+    let out = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Reads `<run_dir>/run.json`.
+pub fn read_record(run_dir: &Path) -> Result<RunRecord> {
+    let rpath = run_dir.join(RUN_FILE);
+    let text = std::fs::read_to_string(&rpath).with_context(|| rpath.display().to_string())?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", rpath.display()))
+}
