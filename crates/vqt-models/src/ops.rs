@@ -41,7 +41,7 @@ fn gelu_flex_threads<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 /// erf by Abramowitz & Stegun 7.1.26, `1 − (a₁t + … + a₅t⁵)·e^{−x²}` with `t = 1/(1 + p|x|)`
-/// (absolute error ≤ 1.5e-7), the formula of PyTorch's vectorised `erf` (ATen `Vectorized<float>`);
+/// (absolute error ≤ 1.5e-7 in exact arithmetic, ≤ 5e-7 in f32 near 0), the formula of PyTorch's vectorised `erf` (ATen `Vectorized<float>`);
 /// the exponential is [`exp_neg`].
 #[inline(always)]
 pub fn erf_as(x: f32) -> f32 {
@@ -52,7 +52,8 @@ pub fn erf_as(x: f32) -> f32 {
 }
 
 /// `e^{−y}` for `y ≥ 0`, branch-free (Cephes `expf`: `e^{−y} = 2ⁿ·e^r`, |r| ≤ ln2/2, degree-6
-/// polynomial, about 1 ulp); `y` beyond 87 gives 0 (as e^{−87} ≈ 1.6e-38 is to erf).
+/// polynomial, about 2 ulp); `y` beyond 87 is clamped to 87 (e^{−87} ≈ 1.6e-38, which is 0 to
+/// erf in f32).
 #[inline(always)]
 pub fn exp_neg(y: f32) -> f32 {
     let x = (-y).max(-87.0);
@@ -83,8 +84,9 @@ mod tests {
 
     #[test]
     fn threaded_gelu_matches_flex_gelu_and_its_erf_is_within_the_bound() {
-        // The erf against libm's on a dense grid: A&S 7.1.26 promises 1.5e-7; the exponential
-        // against libm's within 2 ulp.
+        // The erf against libm's on a dense grid: A&S 7.1.26 promises 1.5e-7 in exact arithmetic;
+        // in f32, `1 - poly·e^{-x²}` cancels near 0 (measured worst: 4.7e-7 absolute). The
+        // exponential within about 2 ulp.
         let mut worst_erf = 0f64;
         for i in -12_000..=12_000 {
             let x = i as f32 * 1e-3;
@@ -95,10 +97,10 @@ mod tests {
                 assert!((ours - exact).abs() <= 2.5e-7 * exact + 1e-38, "e^-{y}: {ours} vs {exact}");
             }
         }
-        assert!(worst_erf < 2.5e-7, "worst erf error {worst_erf}");
+        assert!(worst_erf < 6e-7, "worst erf error {worst_erf}");
         assert_eq!(erf_as(f32::INFINITY), 1.0);
         assert_eq!(erf_as(-30.0), -1.0);
-        assert_eq!(exp_neg(1000.0), 0.0);
+        assert!(exp_neg(1000.0) > 0.0 && exp_neg(1000.0) < 2e-38);
         // Through a tensor (threads, a strided view made contiguous by into_data), against
         // Flex's own GELU (libm's erff): |x|·0.5·(erf error) at most.
         let device = Device::flex();
@@ -111,7 +113,7 @@ mod tests {
             let burns: Vec<f32> = burn::tensor::activation::gelu(x).into_data().try_to_vec::<f32>().unwrap();
             assert_eq!(ours.len(), burns.len());
             for ((x, a), b) in xs.iter().zip(&ours).zip(&burns) {
-                assert!((a - b).abs() <= 2e-7 * x.abs().max(1.0) + 1e-7, "gelu({x}): {a} vs {b}");
+                assert!((a - b).abs() <= 3e-7 * x.abs().max(1.0) + 1e-7, "gelu({x}): {a} vs {b}");
             }
         }
     }
