@@ -77,7 +77,7 @@ fn check_gpu(backend: &str, dirs: &[PathBuf]) {
 /// tiny-i (VQT + LoRA + AdaptFormer, forward and every gradient) on wgpu-cpu: Mesa's llvmpipe
 /// spends more than 400 s compiling one of cubecl's autotune candidates for its fused matmuls (a
 /// double-buffered `MatmulEntry<FusedMatmulArgs, ..>`, inside LLVM 15's coroutine splitting;
-/// measured, README "Backends"), so it runs only on request. tiny-g and tiny-h check the same
+/// measured, docs/guide/backends.md), so it runs only on request. tiny-g and tiny-h check the same
 /// LoRA and AdaptFormer gradients on wgpu by default; tiny-i passes on cpu and ndarray.
 const SLOW_ON_LLVMPIPE: &[&str] = &["tiny-i"];
 
@@ -100,7 +100,7 @@ fn parity_wgpu_tiny_i() {
 
 /// Not run by default: Mesa's lavapipe (the only Vulkan device without a GPU) segfaults inside
 /// `vkCreateComputePipelines` on cubecl's SPIR-V matmul kernels (Mesa 22.3.6 and 25.0.7, LLVM 15;
-/// see README, "Backends"). On a machine with a working Vulkan driver:
+/// see docs/guide/backends.md). On a machine with a working Vulkan driver:
 /// `cargo test --workspace --locked --all-targets -- --ignored vulkan`.
 #[test]
 #[ignore = "needs a Vulkan driver that compiles cubecl's SPIR-V (lavapipe crashes); run with --ignored"]

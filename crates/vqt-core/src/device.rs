@@ -263,7 +263,7 @@ pub fn make_device(backend: BackendKind, index: Option<usize>) -> Result<Device,
 
 /// The graphics API of `wgpu-cpu`. On Linux, OpenGL (Mesa's llvmpipe): left to choose, wgpu
 /// picks Vulkan whenever Mesa's lavapipe is installed (Debian's `libvulkan1` recommends it), and
-/// lavapipe segfaults compiling cubecl's SPIR-V matmul kernels (README, "Backends"), so
+/// lavapipe segfaults compiling cubecl's SPIR-V matmul kernels (docs/guide/backends.md), so
 /// `wgpu-cpu` would crash on any machine with it. `vulkan-cpu` is the lavapipe path.
 #[cfg(target_os = "linux")]
 const CPU_ADAPTER_API: WgpuBackend = WgpuBackend::Gl;
