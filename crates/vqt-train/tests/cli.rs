@@ -778,7 +778,17 @@ fn an_output_dir_holds_one_run_and_resume_checks_what_it_resumes() {
         .spawn()
         .unwrap();
     let t0 = std::time::Instant::now();
-    while !busy.join("checkpoint").join("trainable-1.safetensors.sha256").exists() {
+    // Any sealed checkpoint will do: epochs of this tiny run take milliseconds, so by the time
+    // the directory is looked at, epoch 1's may already have been rotated out (two are kept).
+    let sealed = |dir: &Path| {
+        std::fs::read_dir(dir).ok().is_some_and(|entries| {
+            entries.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with("trainable-") && n.ends_with(".safetensors.sha256")
+            })
+        })
+    };
+    while !sealed(&busy.join("checkpoint")) {
         assert!(t0.elapsed().as_secs() < 120, "the background run did not reach its first checkpoint");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
