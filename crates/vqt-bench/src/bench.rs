@@ -115,7 +115,8 @@ fn load_avg() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (the upper one for an even length).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
@@ -143,9 +144,9 @@ fn materialize<M: Module>(m: &M) {
 /// is under 1% at these sizes): per block the four linear layers on every token and the two
 /// attention products.
 pub fn trunk_flops(vit: &VitConfig) -> f64 {
-    let t = ((vit.img_size / vit.patch_size).pow(2) + 1) as f64;
+    let t = vit.num_tokens() as f64;
     let d = vit.embed_dim as f64;
-    let hidden = d * vit.mlp_ratio;
+    let hidden = vit.mlp_hidden() as f64;
     vit.depth as f64 * (2.0 * t * (3.0 * d * d + d * d + 2.0 * d * hidden) + 4.0 * t * t * d)
 }
 
@@ -154,9 +155,9 @@ pub fn trunk_flops(vit: &VitConfig) -> f64 {
 /// projection and the MLP, forward plus the input-gradient backward (the same products again;
 /// the frozen weights get no gradient).
 pub fn cached_vqt_epoch_flops(vit: &VitConfig, queries: usize) -> f64 {
-    let t = ((vit.img_size / vit.patch_size).pow(2) + 1) as f64;
+    let t = vit.num_tokens() as f64;
     let d = vit.embed_dim as f64;
-    let hidden = d * vit.mlp_ratio;
+    let hidden = vit.mlp_hidden() as f64;
     let per_query_layer = 2.0 * d * d + 4.0 * t * d + 2.0 * d * d + 4.0 * d * hidden;
     2.0 * vit.depth as f64 * queries as f64 * per_query_layer
 }

@@ -10,6 +10,7 @@
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
+use crate::bench::median;
 use std::time::Instant;
 use vqt_models::VitConfig;
 
@@ -60,10 +61,8 @@ impl KernelShape {
 /// The products of one training step of a ViT of this shape at this batch, each once (a block
 /// has each of them once; the step has them `depth` times).
 pub fn vit_shapes(vit: &VitConfig, batch: usize) -> Vec<KernelShape> {
-    let t = (vit.img_size / vit.patch_size).pow(2) + 1;
-    let d = vit.embed_dim;
-    let hidden = (d as f64 * vit.mlp_ratio) as usize;
-    let (h, dh) = (vit.num_heads, vit.embed_dim / vit.num_heads);
+    let (t, d, hidden) = (vit.num_tokens(), vit.embed_dim, vit.mlp_hidden());
+    let (h, dh) = (vit.num_heads, vit.head_dim());
     let lin = |name: &str, op, k, n| KernelShape { name: name.into(), op, batch, heads: 1, m: t, k, n };
     let mut v = Vec::new();
     for (name, k, n) in [("qkv", d, 3 * d), ("proj", d, d), ("fc1", d, hidden), ("fc2", hidden, d)] {
@@ -88,11 +87,6 @@ pub struct KernelResult {
     pub ms_median: f64,
     /// Throughput at that median.
     pub gflops: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Times `f` (which must finish its work before returning) `reps` times after one warm-up.
@@ -172,9 +166,7 @@ pub fn block_profile(vit: &VitConfig, batch: usize, reps: usize, device: &Device
     let device = device.clone().without_autodiff();
     let model = vit.init(&device);
     let block = &model.blocks[0];
-    let t = (vit.img_size / vit.patch_size).pow(2) + 1;
-    let d = vit.embed_dim;
-    let hidden = (d as f64 * vit.mlp_ratio) as usize;
+    let (t, d, hidden) = (vit.num_tokens(), vit.embed_dim, vit.mlp_hidden());
     let z = Tensor::<3>::random([batch, t, d], Distribution::Normal(0.0, 1.0), &device);
     let a = block.norm1_out(z.clone());
     let (q, k, v) = block.attn.qkv(a.clone());
@@ -183,7 +175,7 @@ pub fn block_profile(vit: &VitConfig, batch: usize, reps: usize, device: &Device
     let g = vqt_models::ops::gelu(h.clone());
     let rows = (batch * t) as f64;
     let lin = |k: usize, n: usize| Some(2.0 * rows * k as f64 * n as f64 / 1e9);
-    let attn_flops = Some(4.0 * (batch * vit.num_heads) as f64 * (t * t * (d / vit.num_heads)) as f64 / 1e9);
+    let attn_flops = Some(4.0 * (batch * vit.num_heads) as f64 * (t * t * vit.head_dim()) as f64 / 1e9);
     let mut out = Vec::new();
     let mut stage = |name: &str, gflop: Option<f64>, f: &mut dyn FnMut()| -> Result<(), String> {
         out.push(StageTime { stage: name.into(), ms_median: time_median(reps, &device, f)?, gflop });

@@ -249,6 +249,24 @@ fn step_in_child(method: &str, shape: &Shape) -> Result<vqt_bench::bench::StepRe
     serde_json::from_str(String::from_utf8_lossy(&child.stdout).trim()).with_context(|| format!("{method}: bad child output"))
 }
 
+/// Runs the PyTorch reference `script` with `args` and parses the last line it prints as JSON;
+/// a failure is one line naming the script, `what` it was asked and its last error line.
+fn run_reference<T: serde::de::DeserializeOwned>(python: &str, script: &std::path::Path, args: &[std::ffi::OsString], what: &str) -> Result<T> {
+    let child = std::process::Command::new(python)
+        .arg(script)
+        .args(args)
+        .output()
+        .with_context(|| format!("{python}: cannot run the PyTorch reference"))?;
+    anyhow::ensure!(
+        child.status.success(),
+        "{} {what}: {}",
+        script.display(),
+        String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output")
+    );
+    let out = String::from_utf8_lossy(&child.stdout);
+    serde_json::from_str(out.trim().lines().last().unwrap_or("")).with_context(|| format!("{} {what}: bad output", script.display()))
+}
+
 /// The threads both sides of a comparison use: `RAYON_NUM_THREADS`, else every core.
 fn rayon_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
@@ -297,20 +315,8 @@ fn run() -> Result<()> {
             } else {
                 anyhow::ensure!(script.is_file(), "{}: the PyTorch reference script is missing (or pass --no-torch)", script.display());
                 let spec = serde_json::to_string(&shapes)?;
-                let child = std::process::Command::new(&python)
-                    .arg(&script)
-                    .args(["--kernels", &spec, "--reps", &reps.to_string(), "--threads", &threads.to_string()])
-                    .output()
-                    .with_context(|| format!("{python}: cannot run the PyTorch reference"))?;
-                anyhow::ensure!(
-                    child.status.success(),
-                    "{} --kernels: {}",
-                    script.display(),
-                    String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output")
-                );
-                let out = String::from_utf8_lossy(&child.stdout);
-                let (framework, results): (String, Vec<vqt_bench::kernels::KernelResult>) =
-                    serde_json::from_str(out.trim().lines().last().unwrap_or("")).with_context(|| format!("{} --kernels: bad output", script.display()))?;
+                let args = ["--kernels", &spec, "--reps", &reps.to_string(), "--threads", &threads.to_string()].map(std::ffi::OsString::from);
+                let (framework, results): (String, Vec<vqt_bench::kernels::KernelResult>) = run_reference(&python, &script, &args, "--kernels")?;
                 anyhow::ensure!(results.len() == shapes.len(), "{} --kernels: {} results for {} shapes", script.display(), results.len(), shapes.len());
                 Some((framework, results))
             };
@@ -410,22 +416,15 @@ fn run() -> Result<()> {
                 }
                 for t in counterparts {
                     eprintln!("measuring {t} (PyTorch) ...");
-                    let child = std::process::Command::new(&python)
-                        .arg(&script)
-                        .args(["--method", t, "--preset", &shape.preset, "--img-size", &shape.img_size.to_string(), "--batch", &shape.batch.to_string()])
-                        .args(["--classes", &shape.classes.to_string(), "--warmup", &shape.warmup.to_string(), "--steps", &shape.steps.to_string()])
-                        .args(["--threads", &threads.to_string()])
-                        .args(synqt_py.iter().flat_map(|p| [std::ffi::OsString::from("--synqt-py"), p.clone().into_os_string()]))
-                        .output()
-                        .with_context(|| format!("{python}: cannot run the PyTorch reference"))?;
-                    anyhow::ensure!(
-                        child.status.success(),
-                        "{} --method {t}: {}",
-                        script.display(),
-                        String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output")
-                    );
-                    let torch: vqt_bench::compare::TorchReport = serde_json::from_str(String::from_utf8_lossy(&child.stdout).trim().lines().last().unwrap_or(""))
-                        .with_context(|| format!("{} --method {t}: bad output", script.display()))?;
+                    let mut args: Vec<std::ffi::OsString> = [
+                        "--method", t, "--preset", &shape.preset, "--img-size", &shape.img_size.to_string(), "--batch", &shape.batch.to_string(),
+                        "--classes", &shape.classes.to_string(), "--warmup", &shape.warmup.to_string(), "--steps", &shape.steps.to_string(),
+                        "--threads", &threads.to_string(),
+                    ]
+                    .map(std::ffi::OsString::from)
+                    .into();
+                    args.extend(synqt_py.iter().flat_map(|p| [std::ffi::OsString::from("--synqt-py"), p.clone().into_os_string()]));
+                    let torch: vqt_bench::compare::TorchReport = run_reference(&python, &script, &args, &format!("--method {t}"))?;
                     rows.push(vqt_bench::compare::CompareRow { ours: ours.clone(), torch: Some(torch) });
                 }
             }
