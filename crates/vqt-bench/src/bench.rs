@@ -6,7 +6,6 @@
 //! and a markdown table with ratios to full fine-tuning.
 
 use burn::module::Module;
-use burn::nn::LinearConfig;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
@@ -14,44 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use vqt_core::mem::proc_status_bytes;
 use vqt_models::cache::{CacheDtype, CacheKind, FeatureCache};
-use vqt_models::query::{SynqtConfig, VqtConfig};
-use vqt_models::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel, VitConfig};
-
-/// Methods `step` can measure.
-pub const METHODS: [&str; 13] = [
-    "linear",
-    "vqt",
-    "synqt",
-    "vqt-cached",
-    "full-ft",
-    "lora",
-    "adaptformer",
-    "vpt-deep",
-    "bitfit",
-    "ssf",
-    "houlsby",
-    "pfeiffer",
-    "vqt-adaptformer",
-];
-
-/// The backbone tuners of a method name, at the settings the literature's VTAB tables use
-/// (LoRA r = 8 on q/v, AdaptFormer b = 8, VPT-deep 10 prompts, Houlsby b = 8, Pfeiffer D/8).
-pub fn method_tuners(method: &str, width: usize) -> vqt_models::tuners::TunersConfig {
-    use vqt_models::tuners::adapter::{AdapterActivation, AdapterConfig, AdapterKind};
-    use vqt_models::tuners::{adaptformer::AdaptFormerConfig, lora::LoraConfig, ssf::SsfConfig, vpt::VptConfig, TunersConfig};
-    let adapter = |kind, bottleneck| Some(AdapterConfig { kind, bottleneck, activation: AdapterActivation::Gelu });
-    let af = || Some(AdaptFormerConfig { bottleneck: 8, scale: 0.1, dropout: 0.1 });
-    match method {
-        "lora" => TunersConfig { lora: Some(LoraConfig { rank: 8, alpha: None, targets: vec!["q".into(), "v".into()] }), ..Default::default() },
-        "adaptformer" | "vqt-adaptformer" => TunersConfig { adaptformer: af(), ..Default::default() },
-        "vpt-deep" => TunersConfig { vpt: Some(VptConfig { num_tokens: 10, deep: true, dropout: 0.1 }), ..Default::default() },
-        "bitfit" => TunersConfig { bitfit: true, ..Default::default() },
-        "ssf" => TunersConfig { ssf: Some(SsfConfig::default()), ..Default::default() },
-        "houlsby" => TunersConfig { adapter: adapter(AdapterKind::Houlsby, 8), ..Default::default() },
-        "pfeiffer" => TunersConfig { adapter: adapter(AdapterKind::Pfeiffer, width / 8), ..Default::default() },
-        _ => TunersConfig::default(),
-    }
-}
+use vqt_models::{Preset, PresetOn, TrunkBatch, TrunkInput, VitConfig};
 
 /// What one `step` run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,7 +152,10 @@ pub struct StepOptions {
 }
 
 /// Measures `method` in this process.
-pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepReport, String> {
+pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<StepReport, String> {
+    let name = method.name();
+    let method_on = method;
+    let method = method.preset;
     let plain = device.clone().without_autodiff();
     let ad = plain.clone().autodiff();
     plain.seed(0);
@@ -210,8 +175,8 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
     };
     let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(1e-2).init();
     let (trainable, total, baseline, cache_build_ms, cache_ratio, cache_bytes, peak, infer_ms);
-    let cache_images = (method == "vqt-cached").then_some(b * images.len());
-    if method == "full-ft" {
+    let cache_images = method.cached().then_some(b * images.len());
+    if method == Preset::FullFt && method_on.layers.is_none() {
         let mut vit = o.vit.clone().with_num_classes(c).init(&ad);
         trainable = vit.num_params();
         total = trainable;
@@ -240,24 +205,15 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         })?;
     } else {
         let vit = o.vit.clone().init(&plain);
-        let (d, depth, p) = (vit.embed_dim(), vit.depth(), o.vit.patch_size);
-        let tuners = method_tuners(method, d);
-        let m = match method {
-            "linear" | "lora" | "adaptformer" | "vpt-deep" | "bitfit" | "ssf" | "houlsby" | "pfeiffer" => {
-                QueryMethod::Linear(LinearConfig::new(d, c).init(&ad))
-            }
-            "vqt" | "vqt-cached" | "vqt-adaptformer" => QueryMethod::Vqt(VqtConfig { num_queries: 1, query_dropout: 0.1 }.init(depth, d, p, c, &ad)),
-            "synqt" => QueryMethod::Synqt(
-                SynqtConfig { num_tokens: 1, feat_scale: 0.1, attn_scale: 0.1, ffn_scale: 0.1, dropout: 0.1, head_drop_path: 0.3, kem_drop_path: 0.0 }
-                    .init(&vit, c, &ad),
-            ),
-            other => return Err(format!("unknown method `{other}` (known: {})", METHODS.join(", "))),
+        // An add-on preset freezes an earlier stage's tuners into the backbone first.
+        let vit = match method.frozen_tuners() {
+            Some(t) => t.inject(vit)?,
+            None => vit,
         };
-        let vit = if tuners.is_empty() { vit } else { tuners.inject(vit)? };
-        let mut model = TrunkModel::tuned(vit, &tuners, m);
+        let mut model = method_on.spec(vit.embed_dim()).build(vit, c)?;
         (trainable, total) = vqt_models::tuners::param_counts(&model.clone().fork(&ad));
         materialize(&model);
-        let cache = if method == "vqt-cached" {
+        let cache = if method.cached() {
             let t0 = Instant::now();
             let c = FeatureCache::build(&model.backbone, images.iter().cloned(), CacheKind::Kv, o.cache_dtype, |_| {});
             plain.sync().map_err(|e| e.to_string())?;
@@ -295,7 +251,7 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
     }
     let step_ms = median(times);
     Ok(StepReport {
-        method: method.into(),
+        method: name,
         backend: o.backend.clone(),
         backbone: o.backbone.clone(),
         img_size: img,
@@ -313,8 +269,8 @@ pub fn measure(method: &str, o: &StepOptions, device: &Device) -> Result<StepRep
         device_peak_bytes: device_peak,
         cache_build_ms,
         cache_100_epochs_over_inference: cache_ratio,
-        cache_floor_100_epochs: (method == "vqt-cached").then(|| cache_floor(&o.vit, 1)),
-        cache_dtype: (method == "vqt-cached").then_some(o.cache_dtype),
+        cache_floor_100_epochs: method.cached().then(|| cache_floor(&o.vit, 1)),
+        cache_dtype: method.cached().then_some(o.cache_dtype),
         cache_images,
         cache_bytes,
         load_avg: load_avg(),

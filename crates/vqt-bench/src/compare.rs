@@ -4,6 +4,7 @@
 
 use crate::bench::StepReport;
 use serde::{Deserialize, Serialize};
+use vqt_models::Preset;
 
 /// What the PyTorch script prints for one method.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,15 +34,11 @@ pub struct TorchReport {
 /// The PyTorch methods that a vqt-rs method is compared with. VQT has two: the official code's
 /// form (queries concatenated with the tokens: the target) and the trunk form. SynQT has the
 /// official SynQT code when its source file is at hand (`official_synqt`).
-pub fn torch_counterparts(method: &str, official_synqt: bool) -> Vec<&'static str> {
+pub fn torch_counterparts(method: Preset, official_synqt: bool) -> Vec<&'static str> {
     match method {
-        "synqt" if official_synqt => vec!["synqt"],
-        "linear" => vec!["linear"],
-        "full-ft" => vec!["full-ft"],
-        "lora" => vec!["lora"],
-        "adaptformer" => vec!["adaptformer"],
-        "vpt-deep" => vec!["vpt-deep"],
-        "vqt" => vec!["vqt-official", "vqt-trunk"],
+        Preset::Synqt if official_synqt => vec!["synqt"],
+        Preset::Linear | Preset::FullFt | Preset::Lora | Preset::Adaptformer | Preset::VptDeep => vec![method.name()],
+        Preset::Vqt => vec!["vqt-official", "vqt-trunk"],
         _ => vec![],
     }
 }
@@ -224,8 +221,10 @@ mod tests {
         assert!(md.contains("| full-ft / full-ft step time | 1.30 | ≤ 1.00 | **no** |"), "{md}");
         assert!(md.contains("| synqt | (none) |"), "{md}");
         assert!(md.contains("CPU: test cpu"), "{md}");
-        assert_eq!(torch_counterparts("vqt", false), ["vqt-official", "vqt-trunk"]);
-        assert!(torch_counterparts("synqt", false).is_empty());
-        assert_eq!(torch_counterparts("synqt", true), ["synqt"]);
+        assert_eq!(torch_counterparts(Preset::Vqt, false), ["vqt-official", "vqt-trunk"]);
+        assert!(torch_counterparts(Preset::Synqt, false).is_empty());
+        assert_eq!(torch_counterparts(Preset::Synqt, true), ["synqt"]);
+        assert_eq!(torch_counterparts(Preset::VptDeep, false), ["vpt-deep"]);
+        assert!(torch_counterparts(Preset::VqtCached, true).is_empty());
     }
 }

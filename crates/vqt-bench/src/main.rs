@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use vqt_core::{BackendKind, make_device};
+use vqt_models::PresetOn;
 
 #[derive(Parser)]
 #[command(name = "vqt-bench", version, about = "vqt-rs benchmarks and parity checks")]
@@ -35,7 +36,8 @@ enum Command {
     #[command(visible_alias = "speed")]
     Memory {
         /// Comma-separated methods: linear, vqt, synqt, vqt-cached, full-ft, lora, adaptformer,
-        /// vpt-deep, bitfit, ssf, houlsby, pfeiffer, vqt-adaptformer.
+        /// vpt-deep, bitfit, ssf, houlsby, pfeiffer, vqt-adaptformer, vqt-addon; a tuned one on
+        /// chosen blocks with `@lastK`, `@A-B` or `@A,B` (`adaptformer@last4`).
         #[arg(long, default_value = "linear,vqt,vqt-cached,synqt,lora,adaptformer,vpt-deep,bitfit,ssf,houlsby,pfeiffer,vqt-adaptformer,full-ft")]
         methods: String,
         #[command(flatten)]
@@ -57,6 +59,14 @@ enum Command {
         /// Heading of the markdown table.
         #[arg(long)]
         title: Option<String>,
+        /// A `vqt-bench memory` JSON: plot test accuracy against each method's training-step
+        /// memory from it (matched by method name, or by `--match`) instead of process RSS.
+        #[arg(long)]
+        memory: Option<PathBuf>,
+        /// `RUN_METHOD=BENCH_METHOD`: the memory-report row of a run method whose name differs
+        /// (e.g. `vqt=vqt-cached`; repeatable).
+        #[arg(long = "match")]
+        matches: Vec<String>,
     },
     /// Measure methods with vqt-rs and with the PyTorch reference script (torch + timm on the
     /// CPU), interleaved, each in its own process; writes `<out>.json` and `<out>.md` with the
@@ -147,9 +157,9 @@ enum Command {
     },
     /// Measure one method in this process and print one JSON line (used by `memory`).
     Step {
-        /// The method.
+        /// The method (a name of the registry's presets, as in `memory --methods`).
         #[arg(long)]
-        method: String,
+        method: PresetOn,
         #[command(flatten)]
         shape: Shape,
     },
@@ -232,19 +242,14 @@ fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
     vqt_core::fs::write_atomic(path, text.as_bytes()).with_context(|| path.display().to_string())
 }
 
-/// The comma-separated `--methods`, each checked against the known methods before anything runs.
-fn method_list(methods: &str) -> Result<Vec<&str>> {
-    let list: Vec<&str> = methods.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
-    if let Some(m) = list.iter().find(|m| !vqt_bench::bench::METHODS.contains(m)) {
-        anyhow::bail!("unknown method `{m}` (known: {})", vqt_bench::bench::METHODS.join(", "));
-    }
-    anyhow::ensure!(!list.is_empty(), "--methods `{methods}` names no method (known: {})", vqt_bench::bench::METHODS.join(", "));
-    Ok(list)
+/// The comma-separated `--methods`, each parsed by the method registry before anything runs.
+fn method_list(methods: &str) -> Result<Vec<PresetOn>> {
+    vqt_models::registry::parse_presets(methods).map_err(|e| anyhow::anyhow!("--methods: {e}"))
 }
 
 /// One method measured by `vqt-bench step` in a child process (so peaks never mix).
-fn step_in_child(method: &str, shape: &Shape) -> Result<vqt_bench::bench::StepReport> {
-    let child = std::process::Command::new(std::env::current_exe()?).args(["step", "--method", method]).args(shape.args()).output()?;
+fn step_in_child(method: &PresetOn, shape: &Shape) -> Result<vqt_bench::bench::StepReport> {
+    let child = std::process::Command::new(std::env::current_exe()?).args(["step", "--method", &method.name()]).args(shape.args()).output()?;
     anyhow::ensure!(child.status.success(), "{method}: child failed: {}", String::from_utf8_lossy(&child.stderr).lines().last().unwrap_or("no output"));
     serde_json::from_str(String::from_utf8_lossy(&child.stdout).trim()).with_context(|| format!("{method}: bad child output"))
 }
@@ -385,11 +390,26 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        Command::Report { runs, out, title } => {
+        Command::Report { runs, out, title, memory, matches } => {
             let paths = vqt_bench::report::find_runs(&runs).map_err(anyhow::Error::msg)?;
-            let rows = vqt_bench::report::aggregate(&paths).map_err(anyhow::Error::msg)?;
+            let mut rows = vqt_bench::report::aggregate(&paths).map_err(anyhow::Error::msg)?;
+            let axis = match &memory {
+                Some(m) => {
+                    let text = std::fs::read_to_string(m).with_context(|| m.display().to_string())?;
+                    let reports: Vec<vqt_bench::bench::StepReport> = serde_json::from_str(&text).with_context(|| format!("{}: not a vqt-bench memory report", m.display()))?;
+                    let missing = vqt_bench::report::attach_step_memory(&mut rows, &reports, &matches).map_err(anyhow::Error::msg)?;
+                    if !missing.is_empty() {
+                        eprintln!("note: no step memory in {} for {} (not plotted; --match RUN=BENCH names its row)", m.display(), missing.join(", "));
+                    }
+                    vqt_bench::report::MemoryAxis::Step
+                }
+                None => {
+                    anyhow::ensure!(matches.is_empty(), "--match needs --memory");
+                    vqt_bench::report::MemoryAxis::ProcessRss
+                }
+            };
             let md = vqt_bench::report::markdown(&rows, title.as_deref());
-            let plot = vqt_bench::report::svg(&rows, title.as_deref().unwrap_or("accuracy vs memory")).map_err(anyhow::Error::msg)?;
+            let plot = vqt_bench::report::svg(&rows, title.as_deref().unwrap_or("accuracy vs memory"), axis).map_err(anyhow::Error::msg)?;
             write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&rows)?)?;
             write_atomic(&out.with_extension("svg"), &plot)?;
             write_atomic(&out.with_extension("md"), &md)?;
@@ -408,8 +428,8 @@ fn run() -> Result<()> {
             let mut rows = Vec::new();
             for method in method_list(&methods)? {
                 eprintln!("measuring {method} (vqt-rs) ...");
-                let ours = step_in_child(method, &shape)?;
-                let counterparts = vqt_bench::compare::torch_counterparts(method, synqt_py.is_some());
+                let ours = step_in_child(&method, &shape)?;
+                let counterparts = if method.layers.is_some() { Vec::new() } else { vqt_bench::compare::torch_counterparts(method.preset, synqt_py.is_some()) };
                 if counterparts.is_empty() {
                     rows.push(vqt_bench::compare::CompareRow { ours, torch: None });
                     continue;
@@ -449,7 +469,7 @@ fn run() -> Result<()> {
             let mut reports = Vec::new();
             for method in method_list(&methods)? {
                 eprintln!("measuring {method} ...");
-                reports.push(step_in_child(method, &shape)?);
+                reports.push(step_in_child(&method, &shape)?);
             }
             let md = vqt_bench::bench::markdown(&reports);
             write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&reports)?)?;

@@ -407,30 +407,23 @@ fn run_tuned(
     mpath: &Path,
     device: &Device,
 ) -> Result<BTreeMap<String, HostTensor>, ParityError> {
-    use vqt_models::{QueryMethod, TrunkInput, TrunkModel};
+    use vqt_models::{MethodSpec, ModelSpec, QueryMethod, TrunkInput};
     let ad = device.clone().autodiff();
     let p = Tensors::read(params)?;
-    let (d, depth) = (vit.embed_dim(), vit.depth());
-    let num_queries = match &spec.method {
-        serde_json::Value::String(s) if s == "linear" => None,
-        v => Some(
-            v.get("vqt")
+    let method = match &spec.method {
+        serde_json::Value::String(s) if s == "linear" => MethodSpec::Linear,
+        v => MethodSpec::Vqt(vqt_models::query::VqtConfig {
+            num_queries: v
+                .get("vqt")
                 .and_then(|q| q.get("num_queries"))
                 .and_then(|q| q.as_u64())
                 .ok_or_else(|| input_err(mpath, "checks.tuned.method: expected \"linear\" or {\"vqt\": {\"num_queries\": Q}}"))? as usize,
-        ),
+            query_dropout: 0.0,
+        }),
     };
-    let head_w = p.float(if num_queries.is_some() { "method.head.weight" } else { "method.weight" })?;
+    let head_w = p.float(if matches!(method, MethodSpec::Vqt(_)) { "method.head.weight" } else { "method.weight" })?;
     let classes = head_w.shape[1];
-    let plain = device.clone().without_autodiff();
-    let method = match num_queries {
-        None => QueryMethod::Linear(burn::nn::LinearConfig::new(d, classes).init(&plain)),
-        Some(q) => QueryMethod::Vqt(
-            vqt_models::query::VqtConfig { num_queries: q, query_dropout: 0.0 }.init(depth, d, vit.patch_embed.proj.kernel_size[0], classes, &plain),
-        ),
-    };
-    let tuned = spec.tuners.inject(vit.clone()).map_err(|e| input_err(mpath, e))?;
-    let model = TrunkModel::tuned(tuned, &spec.tuners, method);
+    let model = ModelSpec { method, tuners: spec.tuners.clone() }.build(vit.clone(), classes).map_err(|e| input_err(mpath, e))?;
     // Load on the autodiff device: loading keeps each parameter's gradient requirement as the
     // tensor reports it, and only autodiff tensors report one.
     let model = vqt_models::tuners::load_trainable(model.fork(&ad), params).map_err(|e| ParityError::Input(e.to_string()))?;

@@ -1,7 +1,10 @@
 //! `vqt-bench report`: run records (`run.json` of `vqt-train train`) aggregated per method over
 //! seeds into a markdown table and JSON: test accuracy mean ± std (last epoch, scored once),
-//! validation accuracy, trainable parameters, process peak memory and wall time; plus an SVG
-//! plot (plotters) of test accuracy against peak memory, one point per method.
+//! validation accuracy, trainable parameters, process peak memory, the feature cache's size and
+//! wall time; plus an SVG plot (plotters) of test accuracy against memory, one point per method.
+//! The plotted memory is labelled: process peak RSS of the runs (which counts the decoded
+//! dataset and the cache; the cache's size is printed beside a cached point), or, with
+//! `--memory`, the training-step memory `vqt-bench memory` measured for each method.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -31,6 +34,9 @@ pub struct RunSummary {
     pub path: Option<String>,
     /// The resolved config (for the seed).
     pub config: serde_json::Value,
+    /// The feature cache, if the run used one.
+    #[serde(default)]
+    pub cache: Option<serde_json::Value>,
 }
 
 /// One method aggregated over its runs.
@@ -56,6 +62,50 @@ pub struct MethodRow {
     pub wall_seconds: f64,
     /// `trunk` or `full`.
     pub path: Option<String>,
+    /// Feature-cache size (MiB), for cached runs.
+    pub cache_mib: Option<f64>,
+    /// Training-step memory (MiB) from a `vqt-bench memory` report, when attached.
+    pub step_memory_mib: Option<f64>,
+    /// The `vqt-bench memory` method that memory was measured for.
+    pub step_memory_method: Option<String>,
+}
+
+/// Which memory the plot's x axis shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryAxis {
+    /// Process peak RSS of the runs.
+    ProcessRss,
+    /// Training-step memory from `vqt-bench memory`.
+    Step,
+}
+
+/// Attaches the training-step memory of `reports` (a `vqt-bench memory` JSON) to the rows:
+/// a row takes the report of the same method name, or the one `pairs` maps it to
+/// (`RUN_METHOD=BENCH_METHOD`, e.g. `vqt=vqt-cached`). Returns the rows left without one.
+pub fn attach_step_memory(rows: &mut [MethodRow], reports: &[crate::bench::StepReport], pairs: &[String]) -> Result<Vec<String>, String> {
+    let mut map: BTreeMap<&str, &str> = BTreeMap::new();
+    for p in pairs {
+        let (a, b) = p.split_once('=').ok_or_else(|| format!("--match `{p}`: expected RUN_METHOD=BENCH_METHOD"))?;
+        if !rows.iter().any(|r| r.method == a.trim()) {
+            return Err(format!("--match `{p}`: no run has method `{}`", a.trim()));
+        }
+        if !reports.iter().any(|r| r.method == b.trim()) {
+            return Err(format!("--match `{p}`: the memory report has no method `{}`", b.trim()));
+        }
+        map.insert(a.trim(), b.trim());
+    }
+    let mut missing = Vec::new();
+    for row in rows.iter_mut() {
+        let want = map.get(row.method.as_str()).copied().unwrap_or(row.method.as_str());
+        match reports.iter().find(|r| r.method == want) {
+            Some(r) => {
+                row.step_memory_mib = r.device_peak_bytes.or(r.rss_train_bytes).map(|b| b as f64 / (1024.0 * 1024.0));
+                row.step_memory_method = Some(r.method.clone());
+            }
+            None => missing.push(row.method.clone()),
+        }
+    }
+    Ok(missing)
 }
 
 /// Every `run.json` at or below `dirs` (one level of nesting per seed directory is enough).
@@ -124,6 +174,9 @@ pub fn aggregate(paths: &[PathBuf]) -> Result<Vec<MethodRow>, String> {
                 peak_rss_mib: (!rss.is_empty()).then(|| rss.iter().sum::<f64>() / rss.len() as f64),
                 wall_seconds: runs.iter().map(|r| r.wall_seconds).sum::<f64>() / n,
                 path: runs[0].path.clone(),
+                cache_mib: runs[0].cache.as_ref().and_then(|c| c["bytes"].as_f64()).map(|b| b / (1024.0 * 1024.0)),
+                step_memory_mib: None,
+                step_memory_method: None,
             }
         })
         .collect())
@@ -135,11 +188,12 @@ pub fn markdown(rows: &[MethodRow], title: Option<&str>) -> String {
     if let Some(t) = title {
         s += &format!("# {t}\n\n");
     }
-    s += "| method | path | runs (seeds) | test acc % (mean ± std) | val acc % | trainable params | peak RSS MiB | wall s / run |\n";
-    s += "|---|---|---|---:|---:|---:|---:|---:|\n";
+    let step = rows.iter().any(|r| r.step_memory_mib.is_some());
+    s += "| method | path | runs (seeds) | test acc % (mean ± std) | val acc % | trainable params | peak RSS MiB | cache MiB | wall s / run |";
+    s += if step { " step memory MiB (as measured for) |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n" } else { "\n|---|---|---|---:|---:|---:|---:|---:|---:|\n" };
     for r in rows {
         s += &format!(
-            "| {} | {} | {} ({}) | {} | {:.2} | {} | {} | {:.1} |\n",
+            "| {} | {} | {} ({}) | {} | {:.2} | {} | {} | {} | {:.1} |",
             r.method,
             r.path.as_deref().unwrap_or("–"),
             r.runs,
@@ -148,21 +202,52 @@ pub fn markdown(rows: &[MethodRow], title: Option<&str>) -> String {
             r.val_mean,
             r.trainable_params,
             r.peak_rss_mib.map(|m| format!("{m:.0}")).unwrap_or_else(|| "–".into()),
+            r.cache_mib.map(|m| format!("{m:.0}")).unwrap_or_else(|| "–".into()),
             r.wall_seconds
         );
+        if step {
+            s += &match (r.step_memory_mib, &r.step_memory_method) {
+                (Some(m), Some(b)) => format!(" {m:.0} ({b}) |"),
+                _ => " – |".into(),
+            };
+        }
+        s += "\n";
     }
-    s += "\nTest accuracy is scored once, at the last epoch; std is the sample standard deviation over seeds. Peak RSS is the whole process (data, backbone, cache and training).\n";
+    s += "\nTest accuracy is scored once, at the last epoch; std is the sample standard deviation over seeds. Peak RSS is the whole process (the decoded dataset, backbone, feature cache and training); the cache column is the part of it the K/V cache holds.";
+    if step {
+        s += " Step memory is what one training step adds (`vqt-bench memory`, its own process per method, at the shape its report states), not a run's RSS.";
+    }
+    s += "\n";
     s
 }
 
-/// Test accuracy (mean, with ±std bars) against process peak memory, one labelled point per
-/// method (label: method and trainable parameters), as an SVG document.
-pub fn svg(rows: &[MethodRow], title: &str) -> Result<String, String> {
+/// Test accuracy (mean, with ±std bars) against memory (`axis`), one labelled point per method
+/// (label: method and trainable parameters; on the RSS axis also the cache's size for a cached
+/// method), as an SVG document. Rows without that memory are left out.
+pub fn svg(rows: &[MethodRow], title: &str, axis: MemoryAxis) -> Result<String, String> {
     use plotters::prelude::*;
-    let pts: Vec<(f64, &MethodRow)> = rows.iter().filter_map(|r| r.peak_rss_mib.map(|m| (m, r))).collect();
+    let pts: Vec<(f64, &MethodRow)> = rows
+        .iter()
+        .filter_map(|r| match axis {
+            MemoryAxis::ProcessRss => r.peak_rss_mib,
+            MemoryAxis::Step => r.step_memory_mib,
+        }
+        .map(|m| (m, r)))
+        .collect();
     if pts.is_empty() {
-        return Err("no run records peak memory (peak_rss_bytes), nothing to plot".into());
+        return Err(match axis {
+            MemoryAxis::ProcessRss => "no run records peak memory (peak_rss_bytes), nothing to plot".into(),
+            MemoryAxis::Step => "no row has a step memory from the --memory report (name them with --match RUN=BENCH), nothing to plot".into(),
+        });
     }
+    let x_desc = match axis {
+        MemoryAxis::ProcessRss => "peak process memory during the run (MiB, RSS: data, backbone, cache, training)",
+        MemoryAxis::Step => "training-step memory (MiB, vqt-bench memory)",
+    };
+    let label = |r: &MethodRow| match (axis, r.cache_mib) {
+        (MemoryAxis::ProcessRss, Some(c)) => format!("{} ({} params; cache {c:.0} MiB)", r.method, r.trainable_params),
+        _ => format!("{} ({} params)", r.method, r.trainable_params),
+    };
     let e = |e: DrawingAreaErrorKind<std::io::Error>| e.to_string();
     let (xs, ys): (Vec<f64>, Vec<f64>) = pts.iter().map(|(m, r)| (*m, r.test_mean)).unzip();
     let span = |v: &[f64], pad: f64| {
@@ -185,7 +270,7 @@ pub fn svg(rows: &[MethodRow], title: &str) -> Result<String, String> {
             .map_err(e)?;
         chart
             .configure_mesh()
-            .x_desc("peak process memory during the run (MiB, RSS)")
+            .x_desc(x_desc)
             .y_desc("test accuracy % (mean ± std over seeds)")
             .draw()
             .map_err(e)?;
@@ -195,7 +280,7 @@ pub fn svg(rows: &[MethodRow], title: &str) -> Result<String, String> {
         chart.draw_series(pts.iter().map(|(m, r)| Circle::new((*m, r.test_mean), 5, BLUE.filled()))).map_err(e)?;
         chart
             .draw_series(pts.iter().map(|(m, r)| {
-                Text::new(format!("{} ({} params)", r.method, r.trainable_params), (*m, r.test_mean), ("sans-serif", 12).into_font())
+                Text::new(label(r), (*m, r.test_mean), ("sans-serif", 12).into_font())
             }))
             .map_err(e)?;
         root.present().map_err(e)?;

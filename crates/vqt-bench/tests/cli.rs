@@ -132,13 +132,43 @@ fn report_aggregates_runs_per_method_over_seeds() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
     // mean 82, sample std sqrt(8) = 2.83
-    assert!(md.contains("| vqt | trunk | 2 (42, 43) | 82.00 ± 2.83 | 81.00 | 1234 | 100 | 2.0 |"), "{md}");
+    assert!(md.contains("| vqt | trunk | 2 (42, 43) | 82.00 ± 2.83 | 81.00 | 1234 | 100 | – | 2.0 |"), "{md}");
     assert!(md.contains("| linear | trunk | 1 (42) | 70.00 (one seed, no std) |"), "{md}");
     let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("vqt (1234 params)") && svg.contains("<circle"), "{svg}");
+    assert!(svg.contains("RSS"), "the plot says which memory it shows");
     let e = bench().args(["report", "/nope/runs", "--out"]).arg(&out).output().unwrap();
     assert_eq!(e.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&e.stderr).contains("/nope/runs: no such file or directory"));
+
+    // A cached run shows its cache beside the RSS point; with --memory the plot is step memory.
+    let dir = d.join("vqt-cached-run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = serde_json::json!({
+        "method": "vqt-x", "backend": "cpu", "test_accuracy": 90.0, "val_accuracy": 89.0, "trainable_params": 55, "total_params": 99,
+        "peak_rss_bytes": 300u64 << 20, "wall_seconds": 1.0, "path": "trunk", "config": {"train": {"seed": 1}},
+        "cache": {"mode": "kv", "dtype": "f32", "bytes": 64u64 << 20, "build_seconds": 1.0}
+    });
+    std::fs::write(dir.join("run.json"), rec.to_string()).unwrap();
+    let o = bench().arg("report").arg(&d).arg("--out").arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
+    assert!(svg.contains("cache 64 MiB"), "{svg}");
+    let step = |m: &str, mib: u64| serde_json::json!({"method": m, "backend": "cpu", "backbone": "b", "img_size": 32, "batch": 2, "trainable_params": 1,
+        "total_params": 2, "step_ms_median": 1.0, "train_images_per_s": 2.0, "rss_baseline_bytes": null, "rss_peak_bytes": null,
+        "rss_train_bytes": mib << 20, "device_peak_bytes": null, "cache_build_ms": null, "cache_100_epochs_over_inference": null,
+        "cache_dtype": null, "cache_images": null, "cache_bytes": null, "load_avg": null});
+    let mem = d.join("memory.json");
+    std::fs::write(&mem, serde_json::json!([step("vqt", 10), step("vqt-cached", 3), step("linear", 5)]).to_string()).unwrap();
+    let o = bench().arg("report").arg(&d).arg("--out").arg(&out).arg("--memory").arg(&mem).args(["--match", "vqt-x=vqt-cached"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
+    assert!(md.contains("| 3 (vqt-cached) |") && md.contains("| 10 (vqt) |") && md.contains("| 5 (linear) |"), "{md}");
+    let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
+    assert!(svg.contains("training-step memory") && !svg.contains("cache 64 MiB"), "{svg}");
+    let o = bench().arg("report").arg(&d).arg("--out").arg(&out).arg("--memory").arg(&mem).args(["--match", "vqt-x=nope"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no method `nope`"));
 }
 
 #[test]

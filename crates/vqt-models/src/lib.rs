@@ -8,10 +8,12 @@ pub mod head;
 pub mod model;
 pub mod ops;
 pub mod query;
+pub mod registry;
 pub mod tuners;
 pub mod vit;
 
 pub use model::{QueryMethod, TrunkBatch, TrunkInput, TrunkModel};
+pub use registry::{MethodSpec, ModelSpec, Preset, PresetOn};
 pub use vit::{Vit, VitConfig, VitPreset};
 
 /// Draws every lazily initialised parameter of `module` now, in module order. Burn initialises a

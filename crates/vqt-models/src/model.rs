@@ -93,6 +93,9 @@ pub struct TrunkModel {
     /// True when the backbone carries trainable tensors (tuners, BitFit, full fine-tuning):
     /// the trunk then runs with autodiff (the full path).
     pub full_path: bool,
+    /// On the full path: the leading blocks no tuner touches (`tuners.layers`), run with the
+    /// embedding off the autodiff tape ([`Vit::forward_kv_split`]); 0 runs every block on it.
+    pub frozen_prefix: usize,
 }
 
 impl TrunkModel {
@@ -100,7 +103,7 @@ impl TrunkModel {
     pub fn new(backbone: Vit, method: QueryMethod) -> Self {
         crate::materialize(&backbone);
         crate::materialize(&method);
-        Self { backbone: backbone.freeze(), method, noise: TrunkNoise::default(), full_path: false }
+        Self { backbone: backbone.freeze(), method, noise: TrunkNoise::default(), full_path: false, frozen_prefix: 0 }
     }
 
     /// Pairs a backbone whose tuners were injected by [`crate::tuners::TunersConfig::inject`]
@@ -114,7 +117,8 @@ impl TrunkModel {
         }
         crate::materialize(&backbone);
         crate::materialize(&method);
-        Self { backbone, method, noise: TrunkNoise::default(), full_path: true }.train()
+        let frozen_prefix = tuners.frozen_prefix(backbone.depth());
+        Self { backbone, method, noise: TrunkNoise::default(), full_path: true, frozen_prefix }.train()
     }
 
     /// The same model with its VQT method replaced by `f(vqt)` (the Head2Toe stages,
@@ -142,7 +146,7 @@ impl TrunkModel {
     /// `cache != off` with faithful mode before any model is built).
     pub fn trunk_with(&self, input: TrunkInput, noise: TrunkNoise) -> TrunkKv {
         match input {
-            TrunkInput::Images(x) if self.full_path => self.backbone.forward_kv_noisy(x, noise),
+            TrunkInput::Images(x) if self.full_path => self.backbone.forward_kv_split(x, noise, self.frozen_prefix),
             TrunkInput::Images(x) => self.backbone.forward_kv_noisy(x.without_autodiff(), noise),
             TrunkInput::Cached(_) if self.full_path => panic!("the feature cache needs a frozen trunk, but this model tunes the backbone"),
             TrunkInput::Cached(_) if !noise.is_off() => panic!("the feature cache needs a deterministic trunk (faithful mode is on)"),

@@ -51,6 +51,75 @@ pub struct TunersConfig {
     /// Full fine-tuning: train every backbone tensor.
     #[serde(default)]
     pub full_finetune: bool,
+    /// The blocks the tuners go into: a list of block indices (`[8, 9, 10, 11]`) or `"last:K"`
+    /// (absent: every block). Every per-block tuner is added to those blocks only; SSF's and
+    /// BitFit's patch-embedding tensors are tuned only with block 0 listed, their final-norm
+    /// tensors only with the last block; VPT puts its prompts in before the lowest listed block
+    /// (deep: a fresh set before each listed block); with `full_finetune` the listed blocks are
+    /// trained (and the final norm with the last block). Blocks below the lowest listed one run
+    /// off the autodiff tape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Layers>,
+}
+
+/// Which blocks the tuners go into (`tuners.layers`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Layers {
+    /// Block indices, 0-based.
+    List(Vec<usize>),
+    /// `"last:K"`: the last K blocks.
+    Spec(String),
+}
+
+impl Layers {
+    /// The sorted block indices for a backbone of `depth` blocks; the error names
+    /// `tuners.layers`.
+    pub fn resolve(&self, depth: usize) -> Result<Vec<usize>, String> {
+        let v = match self {
+            Layers::List(v) => {
+                if v.is_empty() {
+                    return Err("tuners.layers lists no block".into());
+                }
+                let mut s = v.clone();
+                s.sort_unstable();
+                if s.windows(2).any(|w| w[0] == w[1]) {
+                    return Err(format!("tuners.layers {v:?} lists a block twice"));
+                }
+                if let Some(&m) = s.iter().find(|&&m| m >= depth) {
+                    return Err(format!("tuners.layers: block {m} does not exist (the backbone has blocks 0..{})", depth - 1));
+                }
+                s
+            }
+            Layers::Spec(text) => {
+                let k = text
+                    .strip_prefix("last:")
+                    .and_then(|k| k.trim().parse::<usize>().ok())
+                    .ok_or_else(|| format!("tuners.layers = \"{text}\": expected a list of block indices or \"last:K\""))?;
+                if k == 0 || k > depth {
+                    return Err(format!("tuners.layers = \"{text}\": K must be in 1..={depth} (the backbone's depth)"));
+                }
+                (depth - k..depth).collect()
+            }
+        };
+        Ok(v)
+    }
+
+    /// Short form for method names: `last4`, `8-11`, `2,5,7`.
+    pub fn label(&self) -> String {
+        match self {
+            Layers::Spec(s) => s.replace(':', ""),
+            Layers::List(v) => {
+                let mut s = v.clone();
+                s.sort_unstable();
+                let contiguous = s.windows(2).all(|w| w[1] == w[0] + 1);
+                match (contiguous && s.len() > 2, s.first(), s.last()) {
+                    (true, Some(a), Some(b)) => format!("{a}-{b}"),
+                    _ => s.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(","),
+                }
+            }
+        }
+    }
 }
 
 /// The bottleneck pair of the adapter-style tuners: `Linear(d, b)` with the PyTorch default
@@ -68,6 +137,21 @@ pub(crate) fn zero_up_bottleneck(d: usize, b: usize, device: &burn::tensor::Devi
 /// Matches every bias of the backbone: `*.bias` (linear and conv) and `*.beta` (LayerNorm).
 fn bias_group() -> ParamGroup {
     ParamGroup::from_regex(r"(^|\.)(bias|beta)$").expect("static regex")
+}
+
+/// The tensors of `blocks` (`blocks.M.*`) and of the final norm when `last`; with
+/// `biases = Some(first)` only their biases, and the patch embedding's bias when `first`.
+fn block_group(blocks: &[usize], biases: Option<bool>, last: bool) -> Result<ParamGroup, String> {
+    let list = blocks.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("|");
+    let mut parts = vec![format!(r"blocks\.({list})\.")];
+    if last {
+        parts.push(r"norm\.".into());
+    }
+    if biases == Some(true) {
+        parts.push(r"patch_embed\.".into());
+    }
+    let tail = if biases.is_some() { r"(.*\.)?(bias|beta)$" } else { "" };
+    ParamGroup::from_regex(format!("^({}){tail}", parts.join("|"))).map_err(|e| format!("tuners.layers: {e:?}"))
 }
 
 impl TunersConfig {
@@ -107,8 +191,29 @@ impl TunersConfig {
         n
     }
 
+    /// The blocks the tuners go into in a backbone of `depth` blocks (every block without
+    /// `layers`).
+    pub fn tuned_blocks(&self, depth: usize) -> Result<Vec<usize>, String> {
+        match &self.layers {
+            Some(l) => l.resolve(depth),
+            None => Ok((0..depth).collect()),
+        }
+    }
+
+    /// How many leading blocks no tuner touches, so the model runs them off the tape (0 without
+    /// `layers`, or without any tuner).
+    pub fn frozen_prefix(&self, depth: usize) -> usize {
+        if self.is_empty() {
+            return 0;
+        }
+        self.tuned_blocks(depth).ok().and_then(|b| b.first().copied()).unwrap_or(0)
+    }
+
     /// Checks every selected tuner; the error names the offending key.
     pub fn validate(&self) -> Result<(), String> {
+        if self.layers.is_some() && self.is_empty() {
+            return Err("tuners.layers is set but no tuner is selected".into());
+        }
         if self.full_finetune && self.names().len() > 1 {
             return Err(format!(
                 "tuners.full_finetune trains every backbone tensor; it cannot be combined with {}",
@@ -143,20 +248,30 @@ impl TunersConfig {
         let device = vit.cls_token.device();
         let (d, depth) = (vit.embed_dim(), vit.depth());
         let patch = vit.patch_embed.proj.kernel_size[0];
+        let blocks = self.tuned_blocks(depth)?;
+        let (first, last) = (blocks.contains(&0), blocks.contains(&(depth - 1)));
+        let all = self.layers.is_none();
         let mut vit = vit.freeze();
         if self.full_finetune {
-            vit = vit.unfreeze();
+            vit = if all { vit.unfreeze() } else { vit.unfreeze_group(block_group(&blocks, None, last)?) };
         } else if self.bitfit {
-            vit = vit.unfreeze_group(bias_group());
+            vit = if all { vit.unfreeze_group(bias_group()) } else { vit.unfreeze_group(block_group(&blocks, Some(first), last)?) };
         }
         if let Some(s) = &self.ssf {
-            vit.ssf_patch = Some(s.init(d, &device));
-            vit.ssf_norm = Some(s.init(d, &device));
+            if first {
+                vit.ssf_patch = Some(s.init(d, &device));
+            }
+            if last {
+                vit.ssf_norm = Some(s.init(d, &device));
+            }
         }
         if let Some(v) = &self.vpt {
-            vit.vpt = Some(v.init(depth, d, patch, &device));
+            vit.vpt = Some(v.init_at(&blocks, d, patch, &device));
         }
-        for b in vit.blocks.iter_mut() {
+        for (m, b) in vit.blocks.iter_mut().enumerate() {
+            if !blocks.contains(&m) {
+                continue;
+            }
             if let Some(s) = &self.ssf {
                 let hidden = b.mlp.fc1.weight.dims()[1];
                 b.ssf_norm1 = Some(s.init(d, &device));

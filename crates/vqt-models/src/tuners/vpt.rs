@@ -31,8 +31,12 @@ fn default_deep() -> bool {
 /// The prompts.
 #[derive(Module, Debug)]
 pub struct Vpt {
-    /// `[S, Np, D]`: S = L (deep) or 1 (shallow).
+    /// `[S, Np, D]`: one set per entry of `layers`.
     pub prompts: Param<Tensor<3>>,
+    /// The block each prompt set goes in before, ascending: `0..L` (deep), `[0]` (shallow), or
+    /// the tuned blocks of `tuners.layers` (the first set is inserted before the lowest, each
+    /// later set replaces the prompt slots before its block).
+    pub layers: Vec<usize>,
     /// Prompt dropout (train only).
     pub dropout: Dropout,
 }
@@ -46,12 +50,20 @@ impl VptConfig {
         crate::check::probability("tuners.vpt.dropout", self.dropout)
     }
 
-    /// Prompts `U(−a, a)`, `a = √(6/(3p² + D))` (the VPT init).
+    /// Prompts `U(−a, a)`, `a = √(6/(3p² + D))` (the VPT init), in every block of a `depth`-block
+    /// backbone.
     pub fn init(&self, depth: usize, d: usize, patch_size: usize, device: &Device) -> Vpt {
+        self.init_at(&(0..depth).collect::<Vec<_>>(), d, patch_size, device)
+    }
+
+    /// Prompts for the tuned `blocks` (ascending, non-empty): deep, a set before each; shallow,
+    /// one set before the lowest.
+    pub fn init_at(&self, blocks: &[usize], d: usize, patch_size: usize, device: &Device) -> Vpt {
         let a = (6.0 / (3.0 * (patch_size * patch_size) as f64 + d as f64)).sqrt();
-        let sets = if self.deep { depth } else { 1 };
+        let layers = if self.deep { blocks.to_vec() } else { blocks[..1].to_vec() };
         Vpt {
-            prompts: Initializer::Uniform { min: -a, max: a }.init([sets, self.num_tokens, d], device),
+            prompts: Initializer::Uniform { min: -a, max: a }.init([layers.len(), self.num_tokens, d], device),
+            layers,
             dropout: DropoutConfig::new(self.dropout).init(),
         }
     }
@@ -68,19 +80,29 @@ impl Vpt {
         self.dropout.forward(self.prompts.val().narrow(0, m, 1).expand([batch, np, d]))
     }
 
-    /// After the embedding: `[CLS ; E_0 ; patches]`.
+    /// Whether the prompts enter with the embedding (`[CLS ; E_0 ; patches]`), i.e. before block 0.
+    pub fn at_embedding(&self) -> bool {
+        self.layers.first() == Some(&0)
+    }
+
+    /// `[CLS ; E_0 ; rest]`: the first set inserted after the class token.
     pub fn insert(&self, z: Tensor<3>) -> Tensor<3> {
         let [b, n, _] = z.dims();
         Tensor::cat(vec![z.clone().narrow(1, 0, 1), self.set(0, b), z.narrow(1, 1, n - 1)], 1)
     }
 
-    /// Before block m: deep VPT swaps the prompt slots for `E_m` (m ≥ 1); shallow leaves them.
+    /// Before block m: the first set is inserted before its block (when that is not block 0,
+    /// where the embedding inserted it); each later set replaces the prompt slots before its
+    /// block (deep VPT); other blocks see the stream unchanged.
     pub fn before_block(&self, m: usize, z: Tensor<3>) -> Tensor<3> {
-        if m == 0 || self.prompts.dims()[0] == 1 {
-            return z;
+        match self.layers.iter().position(|&l| l == m) {
+            Some(0) if m > 0 => self.insert(z),
+            Some(i) if i > 0 => {
+                let [b, n, _] = z.dims();
+                let np = self.num_tokens();
+                Tensor::cat(vec![z.clone().narrow(1, 0, 1), self.set(i, b), z.narrow(1, 1 + np, n - 1 - np)], 1)
+            }
+            _ => z,
         }
-        let [b, n, _] = z.dims();
-        let np = self.num_tokens();
-        Tensor::cat(vec![z.clone().narrow(1, 0, 1), self.set(m, b), z.narrow(1, 1 + np, n - 1 - np)], 1)
     }
 }

@@ -163,8 +163,8 @@ impl Vit {
         let cls = self.cls_token.val().expand([b, 1, d]);
         let z = Tensor::cat(vec![cls, patches], 1) + self.pos_embed.val();
         match &self.vpt {
-            Some(v) => v.insert(z),
-            None => z,
+            Some(v) if v.at_embedding() => v.insert(z),
+            _ => z,
         }
     }
 
@@ -231,18 +231,72 @@ impl Vit {
         if noise.is_off() {
             return self.forward_kv(images);
         }
+        let mut kv = Vec::with_capacity(self.blocks.len());
+        let z = self.embed_noisy(images, &noise);
+        let z = self.kv_blocks(z, 0..self.blocks.len(), self.blocks.len(), &noise, &mut kv);
+        TrunkKv { kv, cls: self.pool(z) }
+    }
+
+    /// [`Vit::forward_kv_noisy`] with the embedding and the first `prefix` blocks run off the
+    /// autodiff tape: on this backbone's plain (non-autodiff) tensors, as the trunk path runs
+    /// the whole trunk. For a tuned backbone whose tuners sit in blocks `prefix..` only
+    /// (`tuners.layers`), the outputs and gradients equal those of the whole pass on the tape,
+    /// while the tape (and training memory) grows with the tuned depth only. The prefix's K/V
+    /// are plain tensors (constants for the query side). `prefix = 0`: the whole pass on the
+    /// tape.
+    pub fn forward_kv_split(&self, images: Tensor<4>, noise: TrunkNoise, prefix: usize) -> TrunkKv {
+        let depth = self.blocks.len();
+        let prefix = prefix.min(depth);
+        if prefix == 0 || !self.cls_token.device().is_autodiff() {
+            return self.forward_kv_noisy(images, noise);
+        }
+        // Only what the prefix reads, without autodiff (cheap: the parameters are shared).
+        let head = Vit {
+            patch_embed: self.patch_embed.clone(),
+            cls_token: self.cls_token.clone(),
+            pos_embed: self.pos_embed.clone(),
+            blocks: self.blocks[..prefix].to_vec(),
+            norm: self.norm.clone(),
+            head: None,
+            ssf_patch: self.ssf_patch.clone(),
+            ssf_norm: None,
+            vpt: self.vpt.clone(),
+        }
+        .valid();
+        let mut kv = Vec::with_capacity(depth);
+        let z = head.embed_noisy(images.without_autodiff(), &noise);
+        let z = head.kv_blocks(z, 0..prefix, depth, &noise, &mut kv);
+        // Back onto the tape for the tuned blocks (a model in eval, already plain, stays plain).
+        let z = if self.cls_token.device().is_autodiff() { z.autodiff() } else { z };
+        let z = self.kv_blocks(z, prefix..depth, depth, &noise, &mut kv);
+        TrunkKv { kv, cls: self.pool(z) }
+    }
+
+    /// The embedding, with the trunk's embedding dropout when `noise` has it.
+    fn embed_noisy(&self, images: Tensor<4>, noise: &TrunkNoise) -> Tensor<3> {
         let z = self.embed(images);
         let [b, n, d] = z.dims();
-        let z = random_keep(z, noise.embed_dropout, [b, n, d]);
-        let depth = self.blocks.len();
-        let mut kv = Vec::with_capacity(depth);
-        let z = self.run_blocks(z, |i, blk, z| {
-            let rate = if depth > 1 { noise.drop_path * i as f64 / (depth - 1) as f64 } else { 0.0 };
+        random_keep(z, noise.embed_dropout, [b, n, d])
+    }
+
+    /// Blocks `range` (the prefix backbone of [`Vit::forward_kv_split`] holds only its blocks),
+    /// pushing each block's K/V; the drop-path rate of block m is `drop_path · m / (L − 1)`
+    /// with L = `full_depth`.
+    fn kv_blocks(&self, z: Tensor<3>, range: std::ops::Range<usize>, full_depth: usize, noise: &TrunkNoise, kv: &mut Vec<(Tensor<4>, Tensor<4>)>) -> Tensor<3> {
+        range.fold(z, |z, m| {
+            let blk = &self.blocks[m];
+            let z = self.before_block(m, z);
+            if noise.is_off() {
+                let (next, k, v) = blk.forward_kv(z);
+                kv.push((k, v));
+                return next;
+            }
+            let [b, _, _] = z.dims();
+            let rate = if full_depth > 1 { noise.drop_path * m as f64 / (full_depth - 1) as f64 } else { 0.0 };
             let (o, k, v) = blk.attn.forward_kv(blk.norm1_out(z.clone()));
             let z = z + random_keep(blk.attn_out(o), rate, [b, 1, 1]);
             kv.push((k, v));
             z.clone() + random_keep(blk.mlp_branch(z), rate, [b, 1, 1])
-        });
-        TrunkKv { kv, cls: self.pool(z) }
+        })
     }
 }

@@ -34,6 +34,10 @@ pub struct CacheKey<'a> {
     pub kind: CacheKind,
     /// Storage dtype.
     pub dtype: vqt_models::cache::CacheDtype,
+    /// `sha256:<hex>` of the earlier run's trained tensors when the backbone is that run's tuned
+    /// one (`backbone.tuned_from`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tuned_from: Option<String>,
 }
 
 /// The cache key of `cfg`'s training split (hashes the decoded split: a fraction of a second per
@@ -51,6 +55,7 @@ pub fn cache_key(cfg: &ExperimentConfig, prep: &Prepared, kind: CacheKind) -> se
         preprocess: &prep.pre,
         kind,
         dtype: cfg.train.cache_dtype,
+        tuned_from: prep.tuned_from.as_ref().map(|t| format!("sha256:{}", t.trainable_sha256)),
     };
     serde_json::to_value(&key).expect("cache key serialises")
 }

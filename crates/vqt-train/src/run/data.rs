@@ -32,7 +32,7 @@ pub fn load_data(data: &DataConfig, threads: usize) -> Result<Splits> {
     };
     let mut skipped = BTreeMap::new();
     match data {
-        DataConfig::Idx { train_images, train_labels, test_images, test_labels, num_classes, train_range, val_range, test_limit } => {
+        DataConfig::Idx { train_images, train_labels, test_images, test_labels, num_classes, train_range, val_range, test_limit, test_range } => {
             let all_train = vqt_core::data::idx::read_idx_pair(train_images, train_labels, *num_classes)?;
             let train = split(&all_train, *train_range, "train_range", train_images)?;
             let val = split(&all_train, *val_range, "val_range", train_images)?;
@@ -45,6 +45,9 @@ pub fn load_data(data: &DataConfig, threads: usize) -> Result<Splits> {
                     test.len()
                 );
                 test.truncate(*n);
+            }
+            if let Some(r) = test_range {
+                test = split(&test, *r, "test_range", test_images)?;
             }
             Ok((train, val, test, *num_classes, skipped))
         }

@@ -42,6 +42,15 @@ pub fn evaluate(run_dir: &Path, split: EvalSplit, device: &Device) -> Result<(f6
     let rec = read_record(run_dir)?;
     let cfg = rec.config;
     cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", rpath.display()))?;
+    if let Some(was) = &rec.tuned_from {
+        // The earlier run's tensors are this run's frozen backbone: refuse a changed file
+        // before anything is built.
+        let f = was.run_dir.join(&was.trainable_file);
+        let now = vqt_core::hash::sha256_file(&f).map_err(|e| anyhow::anyhow!("{}: tuned_from: {}: {e}", rpath.display(), f.display()))?;
+        if now != was.trainable_sha256 {
+            anyhow::bail!("{}: tuned_from: {} changed since this run trained on it (sha256 {} then, {now} now)", rpath.display(), f.display(), was.trainable_sha256);
+        }
+    }
     let prep = prepare(&cfg, device)?;
     let ad = device.clone().without_autodiff().autodiff();
     let mut model = vqt_models::tuners::load_trainable(prep.model.clone().fork(&ad), &run_dir.join(&rec.trainable_file))?;

@@ -50,6 +50,9 @@ pub struct RunRecord {
     /// the final model's learned tensors (the VQT stage's queries and stage B's head).
     #[serde(default)]
     pub head2toe: Option<Head2ToeRecord>,
+    /// The earlier run whose tuned backbone this run trained on (`backbone.tuned_from`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuned_from: Option<TunedFromRecord>,
     /// The epoch this run resumed from, if it did (the VQT stage's, with Head2Toe).
     pub resumed_from_epoch: Option<usize>,
     /// Validation accuracy (%) at the last epoch.
@@ -80,6 +83,27 @@ pub struct CheckpointRecord {
     pub naming: String,
     /// How the position table was resampled, if it was.
     pub pos_embed_resampled: Option<String>,
+}
+
+/// The earlier run an add-on run built on (`backbone.tuned_from`): the chain of a two-stage
+/// result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TunedFromRecord {
+    /// The earlier run's directory, as configured.
+    pub run_dir: PathBuf,
+    /// Its method name (`adaptformer`, `lora`, …).
+    pub method: String,
+    /// Its trained tensors (relative to its directory) and their sha256: the identity of the
+    /// frozen backbone this run read.
+    pub trainable_file: String,
+    /// sha256 of that file.
+    pub trainable_sha256: String,
+    /// Its validation and test accuracy (%).
+    pub val_accuracy: f64,
+    /// Test accuracy (%) of the earlier run.
+    pub test_accuracy: f64,
+    /// Whether LoRA was folded into the qkv weights.
+    pub lora_merged: bool,
 }
 
 /// Feature-cache facts for the record.

