@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use vqt_core::data::preprocess::{Augment, Normalization, Preprocess, ResizeFilter};
 use vqt_models::cache::{CacheDtype, CacheKind};
-use vqt_models::query::{SynqtConfig, VqtConfig};
+use vqt_models::registry::ModelSpec;
 
 /// A whole experiment.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -26,6 +26,97 @@ pub struct ExperimentConfig {
     /// VQT only: Head2Toe-style feature selection after the VQT stage (absent: none).
     #[serde(default)]
     pub head2toe: Option<Head2ToeConfig>,
+    /// How `vqt-train tune --executor slurm` submits this sweep's jobs (`[slurm]`; flags
+    /// override it). Not part of a run: never written into a run's record or a sweep's
+    /// `base.toml`.
+    #[serde(default, skip_serializing)]
+    pub slurm: Option<SlurmConfig>,
+}
+
+/// SLURM settings of a sweep (`[slurm]` in the config, or `tune` flags of the same names).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmConfig {
+    /// `--partition`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// `--time` of each job (SLURM's formats, e.g. `2:00:00` or `1-00:00:00`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    /// `--cpus-per-task`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus_per_task: Option<u32>,
+    /// `--gpus-per-task`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_task: Option<u32>,
+    /// More `sbatch` arguments for every job (e.g. `["--account=lab", "--qos=short"]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sbatch_args: Vec<String>,
+    /// Submit one phase only, without the follow-up job that `--dependency=afterok` chains
+    /// onto it (then run `tune --run DIR --executor slurm` again once the array has finished).
+    #[serde(default)]
+    pub no_chain: bool,
+}
+
+impl SlurmConfig {
+    /// Range checks; messages name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cpus_per_task == Some(0) || self.gpus_per_task == Some(0) {
+            return Err("slurm.cpus_per_task and slurm.gpus_per_task must be at least 1 (leave them out for SLURM's default)".into());
+        }
+        for (key, v) in [("slurm.partition", &self.partition), ("slurm.time", &self.time)] {
+            if v.as_deref().is_some_and(|v| v.trim().is_empty() || v.contains(char::is_whitespace)) {
+                return Err(format!("{key} = {:?} must be one word", v.as_deref().unwrap_or("")));
+            }
+        }
+        if let Some(a) = self.sbatch_args.iter().find(|a| !a.starts_with('-')) {
+            return Err(format!("slurm.sbatch_args: `{a}` is not an sbatch option (expected e.g. `--account=lab`)"));
+        }
+        Ok(())
+    }
+
+    /// `self`, with every field `over` sets taking its place.
+    pub fn merged(&self, over: &SlurmConfig) -> SlurmConfig {
+        SlurmConfig {
+            partition: over.partition.clone().or_else(|| self.partition.clone()),
+            time: over.time.clone().or_else(|| self.time.clone()),
+            cpus_per_task: over.cpus_per_task.or(self.cpus_per_task),
+            gpus_per_task: over.gpus_per_task.or(self.gpus_per_task),
+            sbatch_args: if over.sbatch_args.is_empty() { self.sbatch_args.clone() } else { over.sbatch_args.clone() },
+            no_chain: over.no_chain || self.no_chain,
+        }
+    }
+
+    /// The `sbatch` arguments of a job array.
+    pub fn sbatch_args(&self) -> Vec<String> {
+        let mut a = self.sbatch_args_without_resources();
+        a.extend(self.cpus_per_task.map(|c| format!("--cpus-per-task={c}")));
+        a.extend(self.gpus_per_task.map(|g| format!("--gpus-per-task={g}")));
+        a
+    }
+
+    /// The `sbatch` arguments of a follow-up job (selection, report): no CPUs or GPUs asked.
+    pub fn sbatch_args_without_resources(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        a.extend(self.partition.as_ref().map(|p| format!("--partition={p}")));
+        a.extend(self.time.as_ref().map(|t| format!("--time={t}")));
+        a.extend(self.sbatch_args.iter().cloned());
+        a
+    }
+
+    /// The `vqt-train tune` flags that give these settings (for the chained follow-up job).
+    pub fn cli_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        a.extend(self.partition.as_ref().map(|p| format!("--partition={p}")));
+        a.extend(self.time.as_ref().map(|t| format!("--time={t}")));
+        a.extend(self.cpus_per_task.map(|c| format!("--cpus-per-task={c}")));
+        a.extend(self.gpus_per_task.map(|g| format!("--gpus-per-task={g}")));
+        a.extend(self.sbatch_args.iter().map(|s| format!("--sbatch-arg={s}")));
+        if self.no_chain {
+            a.push("--no-chain".into());
+        }
+        a
+    }
 }
 
 /// VQT's two-stage Head2Toe feature selection (methods.md §3.4), run after the VQT stage from
@@ -91,19 +182,19 @@ pub struct BackboneConfig {
     /// see the same crops. Makes the trunk input random: no feature cache.
     #[serde(default)]
     pub augment: Augment,
+    /// Build on the tuned backbone of an earlier run (its output directory, e.g.
+    /// `runs/adaptformer/seed-42`): that run's tuners are rebuilt, its trained tensors loaded
+    /// (LoRA merged into the weights), everything frozen, and this run trains its query side on
+    /// the trunk path (the feature cache applies). The earlier run must have tuned the backbone
+    /// and read the same checkpoint, backbone shape, data and input pipeline (`augment` aside);
+    /// `[tuners]` must be empty here. Recorded in `run.json` as `tuned_from`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuned_from: Option<PathBuf>,
 }
 
-/// The tuning method (`kind = "linear" | "vqt" | "synqt"`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum MethodConfig {
-    /// Linear probe on the final class token.
-    Linear,
-    /// Visual Query Tuning.
-    Vqt(VqtConfig),
-    /// SynQT.
-    Synqt(SynqtConfig),
-}
+/// The tuning method (`kind = "linear" | "vqt" | "synqt"`): the registry's
+/// [`vqt_models::registry::MethodSpec`].
+pub use vqt_models::registry::MethodSpec as MethodConfig;
 
 /// Where the data comes from.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -129,6 +220,11 @@ pub enum DataConfig {
         /// Use only the first N test images (all if absent).
         #[serde(default)]
         test_limit: Option<usize>,
+        /// `[start, end)` of the test files instead of their first `test_limit` images (the
+        /// tuning protocol points the test split at the validation range of the train files, so
+        /// the grid runs never read the test files).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        test_range: Option<[usize; 2]>,
     },
     /// A VTAB-1k task in the NOAH layout (`<root>/<task>/{train800,val200,train800val200,test}.txt`
     /// + `images/`), or its SynQT JSON variant (`<split>.json`).
@@ -300,6 +396,56 @@ pub struct TrainConfig {
     /// Faithful mode: maximum trunk drop-path (SynQT official 0.1); needs `cache = "off"`.
     #[serde(default)]
     pub trunk_drop_path: f64,
+    /// Per-group learning rate and weight decay (`[train.groups]`); absent groups train at
+    /// `lr` and `weight_decay`.
+    #[serde(default, skip_serializing_if = "GroupsConfig::is_empty")]
+    pub groups: GroupsConfig,
+}
+
+/// Separate optimisation of the parts of a jointly trained model (`[train.groups]`), e.g.
+/// `tuners = { lr = 1e-3 }` and `method = { lr = 0.05, weight_decay = 1e-4 }`. Each group has
+/// its own warm-up + cosine schedule peaking at its `lr`, and its own optimizer (the run's
+/// `train.optimizer`) with its `weight_decay`; a field left out takes the run's value. In a
+/// Head2Toe stage every rate is scaled by the stage's `lr_scale`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupsConfig {
+    /// Every trainable backbone tensor: the tuner modules, BitFit's biases, full fine-tuning's
+    /// weights (paths `backbone.*`).
+    #[serde(default)]
+    pub tuners: Option<GroupConfig>,
+    /// The query side (VQT's queries, SynQT's modules), and its head unless `head` is given
+    /// (paths `method.*`).
+    #[serde(default)]
+    pub method: Option<GroupConfig>,
+    /// The classification head (VQT's and SynQT's `method.head.*`; the linear probe's whole
+    /// method).
+    #[serde(default)]
+    pub head: Option<GroupConfig>,
+}
+
+/// One group's optimisation (`[train.groups]`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Peak learning rate (default `train.lr`).
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// Weight decay (default `train.weight_decay`).
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
+}
+
+impl GroupsConfig {
+    /// True when no group is set (one optimizer and schedule for every tensor).
+    pub fn is_empty(&self) -> bool {
+        self.tuners.is_none() && self.method.is_none() && self.head.is_none()
+    }
+
+    /// The set groups, in precedence order (a later group wins for a tensor both match).
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &GroupConfig)> {
+        [("tuners", &self.tuners), ("method", &self.method), ("head", &self.head)].into_iter().filter_map(|(n, g)| g.as_ref().map(|g| (n, g)))
+    }
 }
 
 fn default_optim() -> OptimizerKind {
@@ -389,16 +535,27 @@ impl ExperimentConfig {
         if !(t.adam_epsilon > 0.0 && t.adam_epsilon.is_finite()) {
             return Err(format!("train.adam_epsilon = {} must be a finite value > 0", t.adam_epsilon));
         }
+        for (name, g) in t.groups.iter() {
+            if let Some(lr) = g.lr {
+                if !(lr > 0.0 && lr <= 1.0) {
+                    return Err(format!("train.groups.{name}.lr {lr} must be in (0, 1]"));
+                }
+            }
+            if let Some(wd) = g.weight_decay {
+                if !(wd >= 0.0 && wd.is_finite()) {
+                    return Err(format!("train.groups.{name}.weight_decay = {wd} must be a finite value >= 0"));
+                }
+            }
+        }
+        if t.groups.tuners.is_some() && self.tuners.is_empty() {
+            return Err("train.groups.tuners: no tuner is selected (the [tuners] table is empty), so there is no backbone tensor to train".into());
+        }
         if t.num_workers == 0 {
             return Err("train.num_workers must be at least 1 (threads preprocessing each batch)".into());
         }
         vqt_models::check::probability("train.trunk_embed_dropout", t.trunk_embed_dropout)?;
         vqt_models::check::probability("train.trunk_drop_path", t.trunk_drop_path)?;
-        match &self.method {
-            MethodConfig::Linear => {}
-            MethodConfig::Vqt(v) => v.validate()?,
-            MethodConfig::Synqt(s) => s.validate()?,
-        }
+        self.method.validate()?;
         let noisy = t.trunk_embed_dropout > 0.0 || t.trunk_drop_path > 0.0;
         if matches!(t.cache, CacheMode::Kv | CacheMode::Hidden) && noisy {
             return Err("train.trunk_embed_dropout / train.trunk_drop_path make the trunk random: set train.cache = \"off\"".into());
@@ -411,6 +568,15 @@ impl ExperimentConfig {
             ));
         }
         self.tuners.validate()?;
+        if let Some(s) = &self.slurm {
+            s.validate()?;
+        }
+        if self.backbone.tuned_from.is_some() && !self.tuners.is_empty() {
+            return Err(format!(
+                "backbone.tuned_from: this run trains the query side on the earlier run's frozen backbone, so [tuners] must be empty (found tuners.{})",
+                self.tuners.names().join(", tuners.")
+            ));
+        }
         if let Some(h) = &self.head2toe {
             if !matches!(self.method, MethodConfig::Vqt(_)) {
                 return Err("head2toe: feature selection needs method.kind = \"vqt\"".into());
@@ -449,7 +615,7 @@ impl ExperimentConfig {
         }
         self.vit_config().validate()?;
         match &self.data {
-            DataConfig::Idx { train_range, val_range, num_classes, test_limit, .. } => {
+            DataConfig::Idx { train_range, val_range, num_classes, test_limit, test_range, .. } => {
                 if *num_classes < 2 {
                     return Err("data.num_classes must be at least 2".into());
                 }
@@ -465,6 +631,14 @@ impl ExperimentConfig {
                 }
                 if *test_limit == Some(0) {
                     return Err("data.test_limit must be at least 1 (leave it out to use the whole test file)".into());
+                }
+                if let Some(r) = test_range {
+                    if test_limit.is_some() {
+                        return Err("data.test_range and data.test_limit both choose the test images: give one".into());
+                    }
+                    if r[0] >= r[1] {
+                        return Err(format!("data.test_range {r:?} is empty"));
+                    }
                 }
             }
             DataConfig::Vtab { task, num_classes, .. } => {
@@ -495,21 +669,18 @@ impl ExperimentConfig {
         Preprocess { img_size: b.img_size, resize: b.resize, normalization: b.normalization, resize_size: b.resize_size, augment: b.augment }
     }
 
+    /// The model this config trains: its method and tuners, as the registry builds them.
+    pub fn model_spec(&self) -> ModelSpec {
+        ModelSpec { method: self.method.clone(), tuners: self.tuners.clone() }
+    }
+
     /// Short method name for logs and records: the query method, then the tuners
-    /// (`vqt+adaptformer`, `linear+lora`, `full-ft`).
+    /// (`vqt+adaptformer`, `linear+lora`, `full-ft`; `vqt+head2toe` with feature selection).
     pub fn method_name(&self) -> String {
-        let q = match &self.method {
-            MethodConfig::Linear => "linear",
-            MethodConfig::Vqt(_) => "vqt",
-            MethodConfig::Synqt(_) => "synqt",
-        };
-        let q = if self.head2toe.is_some() { "vqt+head2toe" } else { q };
-        let t = self.tuners.names();
-        match (q, t.is_empty()) {
-            (_, true) => q.to_string(),
-            ("linear", false) => t.join("+"),
-            (_, false) => format!("{q}+{}", t.join("+")),
+        if self.head2toe.is_some() {
+            return "vqt+head2toe".into();
         }
+        self.model_spec().name()
     }
 
     /// The backbone shape at `img_size`.

@@ -64,6 +64,11 @@ enum Command {
         /// Replace the run `--out` already holds (completed or interrupted) with a fresh one.
         #[arg(long)]
         overwrite: bool,
+        /// Idempotent: if `--out` holds this run complete (same settings), do nothing but print
+        /// it; if interrupted, resume it (or start afresh when no checkpoint survived); else
+        /// train. What every sweep job runs.
+        #[arg(long, conflicts_with_all = ["resume", "overwrite"])]
+        reuse: bool,
     },
     /// Build the training split's feature cache ahead of time into a file (memory-mapped by
     /// later runs whose config sets `train.cache_file` to it).
@@ -95,17 +100,23 @@ enum Command {
         out: PathBuf,
     },
     /// The VTAB-1k protocol: grid on train800 -> val200 (final epoch), best setting retrained on
-    /// train800val200 per seed, test scored once; writes `<out>/tune.{json,md}`. Rerunning it
-    /// reuses every finished run (same settings) and resumes interrupted ones.
+    /// train800val200 per seed, test scored once; writes `<out>/tune.{json,md}`. The sweep is a
+    /// set of jobs in a plan directory (`plan.json`, `base.toml`, `grid.jsonl` and, after the
+    /// selection, `final.jsonl`; docs/guide/sweeps.md), run by an executor: `local` (N worker
+    /// processes) or `slurm` (one job array per phase); or plan only (`--plan DIR`) and run
+    /// `DIR/grid.commands` with `xargs -P`. Rerunning reuses every finished run (same settings)
+    /// and resumes interrupted ones.
     Tune {
-        /// Base config with `[data] kind = "vtab"`.
-        #[arg(long)]
-        config: PathBuf,
+        /// Base config with `[data] kind = "vtab"` or `kind = "idx"` (train_range = train800,
+        /// val_range = val200); an optional `[slurm]` section sets the SLURM flags below.
+        #[arg(long, required_unless_present_any = ["collect", "run"])]
+        config: Option<PathBuf>,
         /// Override a config field (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
-        /// Tasks (names or aliases), comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Tasks (names or aliases), comma-separated; with an IDX config, one name labelling
+        /// its task.
+        #[arg(long, value_delimiter = ',', required_unless_present_any = ["collect", "run"])]
         tasks: Vec<String>,
         /// A grid axis `key=[v1,v2,...]` (repeatable; list smaller learning rates first: ties
         /// keep the earlier setting).
@@ -114,9 +125,52 @@ enum Command {
         /// Seeds of the final runs, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "42,44,82,100,800")]
         seeds: Vec<u64>,
-        /// Output directory.
+        /// Output directory: the plan and every run, then executed.
         #[arg(long, default_value = "runs/tune")]
         out: PathBuf,
+        /// Only write the plan into this directory (no run starts); run it later with
+        /// `tune --run DIR`, or `xargs -P N -d '\n' -I{} sh -c {} < DIR/grid.commands` then
+        /// `tune --collect DIR` and the same for final.commands.
+        #[arg(long, conflicts_with_all = ["collect", "run"])]
+        plan: Option<PathBuf>,
+        /// Execute the sweep planned in this directory (the phases not finished yet).
+        #[arg(long, conflicts_with = "collect")]
+        run: Option<PathBuf>,
+        /// From the sweep's run directories: choose each task's setting once its grid is
+        /// finished (writing `final.jsonl`), and write `tune.{json,md}` listing every job that
+        /// has not finished (exit code 1 while any has not).
+        #[arg(long)]
+        collect: Option<PathBuf>,
+        /// Who runs the jobs.
+        #[arg(long, value_enum, default_value = "local")]
+        executor: Executor,
+        /// Local executor: jobs run at once, each its own process (mind the cores: each job
+        /// uses RAYON_NUM_THREADS threads).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// SLURM executor: wait in the foreground, phase by phase (`sbatch --wait`), and write
+        /// the report; without it the phases chain through `--dependency=afterok` and this
+        /// command returns after submitting.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        slurm: SlurmArgs,
+        /// Make every run an add-on (`backbone.tuned_from`) to an earlier, finished tune in
+        /// this directory: grid runs build on its chosen grid run, final runs on its final run
+        /// of the same seed.
+        #[arg(long)]
+        on_tune: Option<PathBuf>,
+    },
+    /// Run job N (0-based) of a sweep's job file (`grid.jsonl`, `final.jsonl`): its exact
+    /// `vqt-train train ... --reuse` command, in its directory. What a SLURM array task runs
+    /// (`--index $SLURM_ARRAY_TASK_ID`).
+    Job {
+        /// The job file.
+        #[arg(long)]
+        file: PathBuf,
+        /// The job's line, 0-based.
+        #[arg(long)]
+        index: usize,
     },
     /// Score a saved run (its run.json and trainable parameters) on a split.
     Eval {
@@ -127,6 +181,51 @@ enum Command {
         #[arg(long, value_enum, default_value = "test")]
         split: vqt_train::run::EvalSplit,
     },
+}
+
+/// Who runs a sweep's jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Executor {
+    /// Child processes on this machine (`--workers`).
+    Local,
+    /// SLURM job arrays (`sbatch`), one per phase.
+    Slurm,
+}
+
+/// SLURM flags of `tune` (each overrides the config's `[slurm]` field of the same name).
+#[derive(clap::Args, Debug, Default)]
+struct SlurmArgs {
+    /// SLURM partition.
+    #[arg(long)]
+    partition: Option<String>,
+    /// SLURM time limit of each job (e.g. `2:00:00`).
+    #[arg(long)]
+    time: Option<String>,
+    /// CPUs per job.
+    #[arg(long)]
+    cpus_per_task: Option<u32>,
+    /// GPUs per job.
+    #[arg(long)]
+    gpus_per_task: Option<u32>,
+    /// Another sbatch argument for every job (repeatable), e.g. `--sbatch-arg=--account=lab`.
+    #[arg(long = "sbatch-arg", allow_hyphen_values = true)]
+    sbatch_args: Vec<String>,
+    /// Submit one phase only, without the follow-up job chained by `--dependency=afterok`.
+    #[arg(long)]
+    no_chain: bool,
+}
+
+impl SlurmArgs {
+    fn config(&self) -> vqt_train::config::SlurmConfig {
+        vqt_train::config::SlurmConfig {
+            partition: self.partition.clone(),
+            time: self.time.clone(),
+            cpus_per_task: self.cpus_per_task,
+            gpus_per_task: self.gpus_per_task,
+            sbatch_args: self.sbatch_args.clone(),
+            no_chain: self.no_chain,
+        }
+    }
 }
 
 fn main() {
@@ -193,7 +292,28 @@ fn device(backend: BackendKind, index: Option<usize>, precision: Precision) -> R
 }
 
 fn run() -> Result<()> {
-    let cli = Cli::parse();
+    execute(Cli::parse())
+}
+
+fn execute(cli: Cli) -> Result<()> {
+    if let Some(Command::Job { file, index }) = &cli.command {
+        let job = vqt_train::tune::job_at(file, *index)?;
+        std::env::set_current_dir(&job.cwd).map_err(|e| anyhow::anyhow!("job {}: cd {}: {e}", job.id, job.cwd.display()))?;
+        eprintln!("job {}: {}", job.id, job.command);
+        let inner = Cli::try_parse_from(&job.argv).map_err(|e| anyhow::anyhow!("{}: job {}: {}", file.display(), job.id, e.to_string().lines().next().unwrap_or("")))?;
+        anyhow::ensure!(matches!(inner.command, Some(Command::Train { reuse: true, .. })), "{}: job {} is not a `vqt-train train ... --reuse` command", file.display(), job.id);
+        return execute(inner);
+    }
+    let launch_flags = {
+        let mut g = vec!["--backend".to_string(), cli.backend.clone(), "--precision".into(), cli.precision.clone()];
+        if let Some(i) = cli.device {
+            g.extend(["--device".to_string(), i.to_string()]);
+        }
+        if !cli.devices.is_empty() {
+            g.extend(["--devices".to_string(), cli.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")]);
+        }
+        g
+    };
     let backend: BackendKind = cli.backend.parse()?;
     let precision: Precision = cli.precision.parse().map_err(anyhow::Error::msg)?;
     let index = cli.device;
@@ -225,23 +345,69 @@ fn run() -> Result<()> {
             println!("{}: per-layer features of {n} {split:?} images", out.display());
             Ok(())
         }
-        Command::Tune { config, overrides, tasks, grid, seeds, out } => {
-            let device = device(backend, index, precision)?;
-            let r = vqt_train::tune::tune(&config, &overrides, &tasks, &grid, &seeds, backend.name(), &device, &vqt_train::run::TrainOptions { resume: false, overwrite: false, device_index: index, precision, devices: devices.clone() }, &out)?;
-            let md = vqt_train::tune::markdown(&r);
-            std::fs::create_dir_all(&out)?;
-            vqt_core::fs::write_atomic(&out.join("tune.json"), serde_json::to_string_pretty(&r)?.as_bytes())?;
-            vqt_core::fs::write_atomic(&out.join("tune.md"), md.as_bytes())?;
-            print!("{md}");
-            Ok(())
+        Command::Tune { config, overrides, tasks, grid, seeds, out, plan, run, collect, executor, workers, wait, slurm, on_tune } => {
+            use vqt_train::tune;
+            let finish = |dir: &std::path::Path, r: &tune::TuneReport| -> Result<()> {
+                print!("{}", tune::markdown(r));
+                anyhow::ensure!(r.missing.is_empty(), "{}: {} job(s) have not finished (listed in {})", dir.display(), r.missing.len(), dir.join("tune.md").display());
+                Ok(())
+            };
+            if let Some(dir) = collect {
+                let r = tune::collect(&dir)?;
+                return finish(&dir, &r);
+            }
+            let dir = run.clone().or(plan.clone()).unwrap_or(out);
+            if run.is_none() {
+                let config = config.ok_or_else(|| anyhow::anyhow!("tune: give --config"))?;
+                let launch = tune::Launch { exe: std::env::current_exe()?, global: launch_flags };
+                let req = tune::PlanRequest { config: &config, overrides: &overrides, tasks: &tasks, axes: &grid, seeds: &seeds, on_tune: on_tune.as_deref(), launch };
+                let p = tune::plan(&req, &dir)?;
+                let n = tune::read_jobs(&tune::Phase::Grid.jobs_file(&dir))?.len();
+                eprintln!("planned {n} grid jobs ({} tasks x {} settings; then {} seeds per task) in {}", p.tasks.len(), p.grid.len(), p.seeds.len(), dir.display());
+                if plan.is_some() {
+                    println!(
+                        "{d}: planned. Run it with `vqt-train tune --run {d} [--executor local --workers N | --executor slurm]`, or run {d}/grid.commands with any executor (e.g. `xargs -P 4 -d '\\n' -I{{}} sh -c {{}} < {d}/grid.commands`), then `vqt-train tune --collect {d}` (writes final.commands), the same for final.commands, and `--collect` again for the table.",
+                        d = dir.display()
+                    );
+                    return Ok(());
+                }
+            }
+            match executor {
+                Executor::Local => {
+                    let r = tune::execute_local(&dir, workers)?;
+                    finish(&dir, &r)
+                }
+                Executor::Slurm => {
+                    let s = tune::read_plan(&dir)?.slurm.merged(&slurm.config());
+                    s.validate().map_err(anyhow::Error::msg)?;
+                    match tune::execute_slurm(&dir, &s, wait)? {
+                        tune::SlurmOutcome::Submitted { phase, array, follow_up } if follow_up.is_empty() => {
+                            println!("{}: submitted the {} phase as SLURM job array {array} (no chain: run `vqt-train tune --run {} --executor slurm` again when it has finished)", dir.display(), phase.name(), dir.display());
+                            Ok(())
+                        }
+                        tune::SlurmOutcome::Submitted { phase, array, follow_up } => {
+                            println!(
+                                "{}: submitted the {} phase as SLURM job array {array}, and job {follow_up} after it (--dependency=afterok) to {}; tune.json appears when the chain has run (`squeue`, logs in {})",
+                                dir.display(),
+                                phase.name(),
+                                if phase == tune::Phase::Grid { "choose the settings and submit the final phase" } else { "write the report" },
+                                dir.join("logs").display()
+                            );
+                            Ok(())
+                        }
+                        tune::SlurmOutcome::Done(r) => finish(&dir, &r),
+                    }
+                }
+            }
         }
+        Command::Job { .. } => unreachable!("handled before the device is set up"),
         Command::Eval { run, split } => {
             let device = device(backend, index, precision)?;
             let (acc, n) = vqt_train::run::evaluate(&run, split, &device)?;
             println!("{}: {split:?} accuracy {acc:.2}% ({n} images) on {}", run.display(), backend.name());
             Ok(())
         }
-        Command::Train { config, mut overrides, out, seed, resume, overwrite, skip_bad } => {
+        Command::Train { config, mut overrides, out, seed, resume, overwrite, skip_bad, reuse } => {
             if let Some(s) = seed {
                 overrides.push(format!("train.seed={s}"));
             }
@@ -251,7 +417,7 @@ fn run() -> Result<()> {
             }
             let device = device(backend, index, precision)?;
             let opts = vqt_train::run::TrainOptions { resume, overwrite, device_index: index, precision, devices };
-            let r = vqt_train::run::train(&cfg, backend.name(), &device, &out, opts)?;
+            let r = if reuse { vqt_train::run::train_or_reuse(&cfg, backend.name(), &device, &out, opts)? } else { vqt_train::run::train(&cfg, backend.name(), &device, &out, opts)? };
             print_result(&r, &out);
             Ok(())
         }

@@ -1,104 +1,13 @@
 //! `vqt-train` end to end through the binary: real training on a small generated IDX dataset,
 //! `run.json`, and one-line errors for bad input.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::{bin, config, dataset, root, tmp, vtab_task_tree};
+
 static ERR_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vqt-train"))
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vqt-train-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn idx(path: &Path, dims: &[u32], data: &[u8]) {
-    let mut out = vec![0, 0, 8, dims.len() as u8];
-    for d in dims {
-        out.extend_from_slice(&d.to_be_bytes());
-    }
-    out.extend_from_slice(data);
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(&out).unwrap();
-    std::fs::write(path, e.finish().unwrap()).unwrap();
-}
-
-/// 3 classes of 28x28 images: a bright band in the top, middle or bottom third, plus noise.
-fn dataset(dir: &Path, n: usize, name: &str) {
-    let mut px = Vec::with_capacity(n * 784);
-    let mut labels = Vec::with_capacity(n);
-    let mut state = 12345u64 + n as u64;
-    for i in 0..n {
-        let class = i % 3;
-        labels.push(class as u8);
-        for r in 0..28 {
-            for _ in 0..28 {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let noise = (state >> 58) as u8; // 0..63
-                let band = r / 10 == class;
-                px.push(if band { 180 + noise } else { noise });
-            }
-        }
-    }
-    idx(&dir.join(format!("{name}-images.gz")), &[n as u32, 28, 28], &px);
-    idx(&dir.join(format!("{name}-labels.gz")), &[n as u32], &labels);
-}
-
-fn config(dir: &Path, method: &str, cache: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    dataset(dir, 60, "train");
-    dataset(dir, 30, "test");
-    let ckpt = root().join("fixtures/tiny-a/vit.safetensors");
-    let text = format!(
-        r#"
-[backbone]
-img_size = 32
-checkpoint = "{ckpt}"
-[backbone.custom]
-img_size = 32
-patch_size = 8
-embed_dim = 64
-depth = 4
-num_heads = 4
-
-[method]
-{method}
-
-[data]
-kind = "idx"
-train_images = "{d}/train-images.gz"
-train_labels = "{d}/train-labels.gz"
-test_images = "{d}/test-images.gz"
-test_labels = "{d}/test-labels.gz"
-num_classes = 3
-train_range = [0, 48]
-val_range = [48, 60]
-
-[train]
-epochs = 20
-batch_size = 16
-lr = 0.01
-warmup_epochs = 1
-cache = "{cache}"
-num_workers = 1
-"#,
-        ckpt = ckpt.display(),
-        d = dir.display()
-    );
-    let p = dir.join("exp.toml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 fn train_ok(tag: &str, method: &str, cache: &str, backend: &str, extra: &[&str]) -> serde_json::Value {
     let d = tmp(tag);
@@ -435,22 +344,6 @@ fn cache_subcommand_builds_a_file_that_training_reuses_and_extract_writes_featur
 /// 6 val / 9 test images: a bright band whose position gives the class.
 fn vtab_tree(root: &Path) {
     vtab_task_tree(root, "eurosat");
-}
-
-fn vtab_task_tree(root: &Path, folder: &str) {
-    let task = root.join(folder);
-    for (split, n) in [("train800", 24), ("val200", 6), ("train800val200", 30), ("test", 9)] {
-        let mut lines = String::new();
-        for i in 0..n {
-            let class = i % 3;
-            let img = image::GrayImage::from_fn(28, 28, |_, y| image::Luma([if y as usize / 10 == class { 220 } else { 20 + (i * 7 % 30) as u8 }]));
-            let rel = format!("images/{split}/{i:06}.png");
-            std::fs::create_dir_all(task.join(format!("images/{split}"))).unwrap();
-            img.save(task.join(&rel)).unwrap();
-            lines += &format!("{rel} {class}\n");
-        }
-        std::fs::write(task.join(format!("{split}.txt")), lines).unwrap();
-    }
 }
 
 #[test]
@@ -911,4 +804,154 @@ fn failed_writes_leave_no_partial_files_and_a_run_that_can_be_finished() {
     assert_eq!((&done["epochs"], &done["test_accuracy"]), (&rec["epochs"], &rec["test_accuracy"]));
     let o = bin().args(["eval", "--run"]).arg(&out).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// `backbone.tuned_from`: VQT trained on the frozen backbone of an earlier AdaptFormer (and
+/// LoRA) run, on the trunk path with the cache; the chain in run.json; refusals in one line.
+#[test]
+fn an_add_on_trains_the_query_side_on_an_earlier_runs_tuned_backbone() {
+    let d = tmp("addon");
+    let af = config(&d, "kind = \"linear\"\n\n[tuners.adaptformer]\nbottleneck = 4\ndropout = 0.0", "off");
+    let fast = ["--set", "train.epochs=3"];
+    let first = train_in("addon-af", &af, &d.join("af"), "cpu", &fast);
+    assert_eq!((first["method"].as_str(), first["path"].as_str()), (Some("adaptformer"), Some("full")));
+    let vqt = d.join("vqt.toml");
+    let text = std::fs::read_to_string(&af).unwrap().replace("kind = \"linear\"\n\n[tuners.adaptformer]\nbottleneck = 4\ndropout = 0.0", "kind = \"vqt\"\nnum_queries = 2");
+    std::fs::write(&vqt, text.replace("cache = \"off\"", "cache = \"kv\"")).unwrap();
+    let on = |run: &str| format!("backbone.tuned_from=\"{}\"", d.join(run).display());
+    let rec = train_in("addon-vqt", &vqt, &d.join("addon"), "cpu", &["--set", "train.epochs=3", "--set", &on("af")]);
+    assert_eq!(rec["path"], "trunk", "the add-on takes the trunk path");
+    assert_eq!(rec["method"], "vqt-on-adaptformer");
+    assert_eq!(rec["cache"]["mode"], "kv", "and the feature cache");
+    assert_eq!(rec["trainable_params"], 4 * 2 * 64 + (64 * (1 + 4 * 2) + 1) * 3, "only the query side trains");
+    let plain = train_in("addon-plain", &vqt, &d.join("plain"), "cpu", &["--set", "train.epochs=3"]);
+    let adapter_params = 4 * (64 * 4 + 4 + 4 * 64 + 64);
+    assert_eq!(rec["total_params"].as_u64().unwrap(), plain["total_params"].as_u64().unwrap() + adapter_params, "the frozen adapters are part of the model");
+    let t = &rec["tuned_from"];
+    assert_eq!((t["method"].as_str(), t["lora_merged"].as_bool()), (Some("adaptformer"), Some(false)));
+    assert_eq!(t["trainable_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(t["test_accuracy"], first["test_accuracy"]);
+    assert_ne!(rec["val_accuracy"].as_f64(), None);
+    // A different backbone gives different features: the add-on is not the plain VQT run.
+    let loss = |r: &serde_json::Value| r["epochs"][0]["train"]["loss"].as_f64().unwrap();
+    assert_ne!(loss(&rec), loss(&plain), "the add-on read the tuned backbone");
+
+    // `eval` rebuilds the chain; a changed earlier run is refused.
+    let o = bin().args(["eval", "--run"]).arg(d.join("addon")).args(["--split", "test"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f = d.join("af").join(first["trainable_file"].as_str().unwrap());
+    let keep = std::fs::read(&f).unwrap();
+    let o = train_in("addon-af2", &af, &d.join("af2"), "cpu", &["--set", "train.epochs=2"]);
+    std::fs::copy(d.join("af2").join(o["trainable_file"].as_str().unwrap()), &f).unwrap();
+    let e = err_of(&["eval", "--run", d.join("addon").to_str().unwrap(), "--split", "test"]);
+    assert!(e.contains("tuned_from") && e.contains("changed since this run trained on it"), "{e}");
+    std::fs::write(&f, keep).unwrap();
+
+    // LoRA is merged into the frozen weights.
+    let lora = config(&d.join("l"), "kind = \"linear\"\n\n[tuners.lora]\nrank = 2", "off");
+    train_in("addon-lora", &lora, &d.join("lora"), "cpu", &fast);
+    let vqt_l = d.join("l").join("vqt.toml");
+    std::fs::write(&vqt_l, std::fs::read_to_string(&lora).unwrap().replace("kind = \"linear\"\n\n[tuners.lora]\nrank = 2", "kind = \"vqt\"\nnum_queries = 2")).unwrap();
+    let rec = train_in("addon-vqt-lora", &vqt_l, &d.join("addon-lora"), "cpu", &["--set", "train.epochs=2", "--set", &on("lora")]);
+    assert_eq!(rec["tuned_from"]["lora_merged"], true);
+    assert_eq!(rec["total_params"], plain["total_params"], "merged LoRA adds no tensor");
+
+    // Refusals.
+    let v = vqt.to_str().unwrap();
+    let e = err_of(&["train", "--config", v, "--set", &on("plain"), "--out", d.join("x1").to_str().unwrap()]);
+    assert!(e.contains("backbone.tuned_from") && e.contains("tuned no backbone tensor"), "{e}");
+    let e = err_of(&["train", "--config", v, "--set", &on("af"), "--set", "data.train_range=[0, 40]", "--out", d.join("x2").to_str().unwrap()]);
+    assert!(e.contains("backbone.tuned_from") && e.contains("[data]"), "{e}");
+    let e = err_of(&["train", "--config", v, "--set", &on("af"), "--set", "backbone.normalization=\"inception\"", "--out", d.join("x3").to_str().unwrap()]);
+    assert!(e.contains("backbone.tuned_from") && e.contains("input pipeline"), "{e}");
+    let e = err_of(&["train", "--config", v, "--set", &on("nothing-here"), "--out", d.join("x4").to_str().unwrap()]);
+    assert!(e.contains("backbone.tuned_from") && e.contains("not a finished run"), "{e}");
+    let e = err_of(&["train", "--config", af.to_str().unwrap(), "--set", &on("af"), "--out", d.join("x5").to_str().unwrap()]);
+    assert!(e.contains("backbone.tuned_from") && e.contains("[tuners] must be empty"), "{e}");
+}
+
+/// `[train.groups]`: per-group rates reach the optimizer (a jointly trained VQT + AdaptFormer
+/// run records them and trains), and bad values are one-line errors.
+#[test]
+fn per_group_rates_train_and_bad_groups_are_refused() {
+    let d = tmp("groups");
+    let cfg = config(&d, "kind = \"vqt\"\nnum_queries = 2\n\n[tuners.adaptformer]\nbottleneck = 4", "off");
+    let rec = train_in(
+        "groups",
+        &cfg,
+        &d.join("run"),
+        "cpu",
+        &["--set", "train.epochs=2", "--set", "train.groups.tuners={ lr = 0.001 }", "--set", "train.groups.method={ lr = 0.05, weight_decay = 0.0001 }"],
+    );
+    assert_eq!(rec["config"]["train"]["groups"]["tuners"]["lr"], 0.001);
+    assert_eq!(rec["config"]["train"]["groups"]["method"]["weight_decay"], 0.0001);
+    let c = cfg.to_str().unwrap();
+    let e = err_of(&["train", "--config", c, "--set", "train.groups.tuners={ lr = 2.0 }"]);
+    assert!(e.contains("train.groups.tuners.lr"), "{e}");
+    let e = err_of(&["train", "--config", c, "--set", "train.groups.tunerz={ lr = 0.1 }"]);
+    assert!(e.contains("tunerz"), "{e}");
+    let plain = config(&d.join("p"), "kind = \"vqt\"\nnum_queries = 2", "off");
+    let e = err_of(&["train", "--config", plain.to_str().unwrap(), "--set", "train.groups.tuners={ lr = 0.001 }"]);
+    assert!(e.contains("train.groups.tuners") && e.contains("no tuner"), "{e}");
+}
+
+/// `tune` on an IDX task (train_range = train800, val_range = val200): grid runs score the
+/// validation range as their test split (read from the train files), final runs train on both
+/// ranges; `--on-tune` chains an add-on tune onto the runs the earlier tune chose.
+#[test]
+fn tune_runs_the_protocol_on_idx_data_and_chains_an_add_on() {
+    let d = tmp("tune-idx");
+    let af = config(&d, "kind = \"linear\"\n\n[tuners.adaptformer]\nbottleneck = 4\ndropout = 0.0", "off");
+    dataset(&d, 84, "train"); // 48 train + 12 val, then 12 for the final runs' unused validation
+    let tune = |cfg: &Path, out: &Path, extra: &[&str]| {
+        let o = bin()
+            .args(["tune", "--config"])
+            .arg(cfg)
+            .args(["--set", "train.epochs=1", "--tasks", "bands", "--grid", "train.lr=[0.001,0.01]", "--seeds", "42,43", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tune.json")).unwrap()).unwrap();
+        r
+    };
+    let first = tune(&af, &d.join("t-af"), &[]);
+    let best = first["tasks"][0]["best_run"].as_str().unwrap().to_string();
+    let md = std::fs::read_to_string(d.join("t-af/tune.md")).unwrap();
+    assert!(md.contains("| bands | - |") && md.contains("Mean over the 1 tasks") && !md.contains("group means"), "{md}");
+    let read = |p: PathBuf| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p.join("run.json")).unwrap()).unwrap() };
+    let grid = read(d.join("t-af/bands/grid-0"));
+    assert_eq!(grid["split_sizes"], serde_json::json!([48, 12, 12]));
+    assert_eq!(grid["config"]["data"]["test_range"], serde_json::json!([48, 60]));
+    assert_eq!(grid["config"]["data"]["test_images"], grid["config"]["data"]["train_images"], "grid runs never read the test files");
+    let fin = read(d.join("t-af/bands/final-seed-43"));
+    assert_eq!(fin["split_sizes"], serde_json::json!([60, 12, 30]));
+    assert_eq!(fin["config"]["data"]["train_range"], serde_json::json!([0, 60]));
+
+    // The add-on tune: VQT on the AdaptFormer tune's runs, from the cache.
+    let vqt = d.join("vqt.toml");
+    std::fs::write(&vqt, std::fs::read_to_string(&af).unwrap().replace("kind = \"linear\"\n\n[tuners.adaptformer]\nbottleneck = 4\ndropout = 0.0", "kind = \"vqt\"\nnum_queries = 2").replace("cache = \"off\"", "cache = \"kv\"")).unwrap();
+    let on = d.join("t-af");
+    let second = tune(&vqt, &d.join("t-vqt"), &["--on-tune", on.to_str().unwrap()]);
+    assert_eq!(second["tasks"][0]["test"].as_array().unwrap().len(), 2);
+    let g = read(d.join("t-vqt/bands/grid-1"));
+    assert_eq!(g["tuned_from"]["run_dir"], serde_json::json!(on.join("bands").join(&best)), "grid add-ons build on the chosen grid run");
+    assert_eq!(g["path"], "trunk");
+    let f = read(d.join("t-vqt/bands/final-seed-43"));
+    assert_eq!(f["tuned_from"]["run_dir"], serde_json::json!(on.join("bands/final-seed-43")), "final add-ons build on the same seed's final run");
+    // Rerunning reuses every finished run.
+    let again = tune(&vqt, &d.join("t-vqt"), &["--on-tune", on.to_str().unwrap()]);
+    assert_eq!(again["tasks"][0]["test"], second["tasks"][0]["test"]);
+    // An add-on tune needs a seed the earlier tune ran.
+    let o = bin()
+        .args(["tune", "--config"])
+        .arg(&vqt)
+        .args(["--set", "train.epochs=1", "--tasks", "bands", "--seeds", "7", "--out"])
+        .arg(d.join("t-bad"))
+        .args(["--on-tune", on.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("final-seed-7") && e.contains("not a finished final run"), "{e}");
 }
