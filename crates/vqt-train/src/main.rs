@@ -21,6 +21,12 @@ struct Cli {
     /// have one device: there it runs that many workers on it (tests the path, no speed-up).
     #[arg(long, global = true, value_delimiter = ',')]
     devices: Vec<usize>,
+    /// With `--devices` on `cuda`: burn-train's DistributedDataParallel strategy (gradients
+    /// all-reduced through NCCL during the backward pass, one optimizer per device) instead of
+    /// MultiDevice (gradients gathered and summed on the first device). Same update; Burn 0.22
+    /// has the all-reduce on CUDA only, so other backends refuse it.
+    #[arg(long, global = true)]
+    ddp: bool,
     /// Float precision of every tensor: f32, f16 or bf16 (where the backend supports it; pure
     /// reduced precision, not mixed).
     #[arg(long, global = true, default_value = "f32")]
@@ -238,7 +244,7 @@ fn main() {
 
 /// `vqt-train --backend X` with no subcommand: the demo's VQT run, after checking (without
 /// fetching anything) that its config and assets are here.
-fn default_run(backend: BackendKind, index: Option<usize>, precision: Precision, devices: Vec<(usize, burn::tensor::Device)>) -> Result<()> {
+fn default_run(backend: BackendKind, index: Option<usize>, precision: Precision, devices: Vec<(usize, burn::tensor::Device)>, ddp: bool) -> Result<()> {
     let config = PathBuf::from(DEFAULT_CONFIG);
     anyhow::ensure!(
         config.is_file(),
@@ -263,7 +269,7 @@ fn default_run(backend: BackendKind, index: Option<usize>, precision: Precision,
         out.display()
     );
     let device = device(backend, index, precision)?;
-    let opts = vqt_train::run::TrainOptions { resume: false, overwrite: false, device_index: index, precision, devices };
+    let opts = vqt_train::run::TrainOptions { resume: false, overwrite: false, device_index: index, precision, devices, ddp };
     let r = vqt_train::run::train_or_reuse(&cfg, backend.name(), &device, &out, opts)?;
     print_result(&r, &out);
     Ok(())
@@ -312,6 +318,9 @@ fn execute(cli: Cli) -> Result<()> {
         if !cli.devices.is_empty() {
             g.extend(["--devices".to_string(), cli.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")]);
         }
+        if cli.ddp {
+            g.push("--ddp".into());
+        }
         g
     };
     let backend: BackendKind = cli.backend.parse()?;
@@ -319,13 +328,22 @@ fn execute(cli: Cli) -> Result<()> {
     let index = cli.device;
     anyhow::ensure!(cli.device.is_none() || cli.devices.is_empty(), "give --device N or --devices N,M,..., not both");
     vqt_core::device::check_indices(backend, cli.device, &cli.devices).map_err(anyhow::Error::msg)?;
+    let ddp = cli.ddp;
+    if ddp {
+        anyhow::ensure!(cli.devices.len() > 1, "--ddp trains one run on several devices: give them with --devices 0,1,...");
+        anyhow::ensure!(
+            backend == BackendKind::Cuda,
+            "--ddp: Burn 0.22 has the all-reduce of DistributedDataParallel on CUDA only (NCCL); on `{}` use --devices alone (burn-train's MultiDevice strategy)",
+            backend.name()
+        );
+    }
     let mut devices = Vec::new();
     for &i in &cli.devices {
         devices.push((i, device(backend, Some(i), precision)?));
     }
     let index = index.or(cli.devices.first().copied());
     let Some(command) = cli.command else {
-        return default_run(backend, index, precision, devices);
+        return default_run(backend, index, precision, devices, ddp);
     };
     match command {
         Command::Cache { config, overrides, out } => {
@@ -416,7 +434,7 @@ fn execute(cli: Cli) -> Result<()> {
                 cfg.data.set_skip_bad().map_err(anyhow::Error::msg)?;
             }
             let device = device(backend, index, precision)?;
-            let opts = vqt_train::run::TrainOptions { resume, overwrite, device_index: index, precision, devices };
+            let opts = vqt_train::run::TrainOptions { resume, overwrite, device_index: index, precision, devices, ddp };
             let r = if reuse { vqt_train::run::train_or_reuse(&cfg, backend.name(), &device, &out, opts)? } else { vqt_train::run::train(&cfg, backend.name(), &device, &out, opts)? };
             print_result(&r, &out);
             Ok(())

@@ -487,8 +487,15 @@ fn devices_flag_trains_data_parallel_through_burn_train() {
     assert_eq!(losses.len(), 3);
     assert!(losses.iter().all(|(t, v)| t.is_finite() && v.is_finite()), "{losses:?}");
     assert!(rec["test_accuracy"].as_f64().unwrap() > 0.0);
+    assert_eq!(rec["data_parallel"], "multi-device");
     let e = err_of(&["--device", "0", "--devices", "0,1", "train", "--config", cfg.to_str().unwrap()]);
     assert!(e.contains("give --device N or --devices N,M,..., not both"), "{e}");
+    // DistributedDataParallel's all-reduce exists on CUDA only in Burn 0.22 (Flex would panic
+    // when the strategy starts): refused in one line, before anything is built.
+    let e = err_of(&["--ddp", "--devices", "0,1", "train", "--config", cfg.to_str().unwrap()]);
+    assert!(e.contains("--ddp") && e.contains("CUDA only") && e.contains("MultiDevice"), "{e}");
+    let e = err_of(&["--ddp", "train", "--config", cfg.to_str().unwrap()]);
+    assert!(e.contains("--ddp trains one run on several devices"), "{e}");
 }
 
 #[test]

@@ -407,6 +407,28 @@ pub fn named_grads<M: Module>(module: &M, grads: &burn::tensor::Gradients) -> st
     v.out
 }
 
+/// The value of every float tensor of `module`, by module path (stable names), on the host.
+pub fn named_values<M: Module>(module: &M) -> std::collections::BTreeMap<String, vqt_core::HostTensor> {
+    struct V {
+        paths: TensorPaths,
+        out: std::collections::BTreeMap<String, vqt_core::HostTensor>,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.paths.enter_module(name, container_type);
+        }
+        fn exit_module(&mut self, name: &str, container_type: &str) {
+            self.paths.exit_module(name, container_type);
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.out.insert(self.paths.path.join("."), vqt_core::HostTensor::from_tensor(param.val()));
+        }
+    }
+    let mut v = V { paths: TensorPaths::default(), out: Default::default() };
+    module.visit(&mut v);
+    v.out
+}
+
 /// `(trainable, total)` parameter counts; see [`tensor_infos`] for the device requirement.
 pub fn param_counts<M: Module>(module: &M) -> (usize, usize) {
     tensor_infos(module).iter().fold((0, 0), |(t, a), i| (t + if i.trainable { i.elements } else { 0 }, a + i.elements))

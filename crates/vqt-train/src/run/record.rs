@@ -24,6 +24,10 @@ pub struct RunRecord {
     /// Device indices of a data-parallel run (`--devices`); empty for one device.
     #[serde(default)]
     pub devices: Vec<usize>,
+    /// burn-train's data-parallel strategy with several devices: `multi-device` (gradients
+    /// moved to the first device and summed there) or `ddp` (all-reduced); absent for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_parallel: Option<String>,
     /// Checkpoint identity (absent for a random backbone).
     pub checkpoint: Option<CheckpointRecord>,
     /// Method name (`vqt`, `linear+lora`, `vqt+adaptformer`, …).

@@ -133,8 +133,15 @@ impl Stages<'_> {
             training = training.grads_accumulation(t.grad_accumulation);
         }
         if self.opts.devices.len() > 1 {
-            let devices = self.opts.devices.iter().map(|(_, d)| d.clone().without_autodiff().autodiff()).collect();
-            training = training.with_training_strategy(ExecutionStrategy::MultiDevice(devices, MultiDeviceOptim::OptimMainDevice).into());
+            let devices: Vec<Device> = self.opts.devices.iter().map(|(_, d)| d.clone().without_autodiff().autodiff()).collect();
+            let strategy = if self.opts.ddp {
+                // The all-reduce sums, so an update equals MultiDevice's (and grad_accumulation's).
+                use burn::tensor::distributed::{DistributedConfig, ReduceOperation};
+                ExecutionStrategy::ddp(devices, DistributedConfig { all_reduce_op: ReduceOperation::Sum })
+            } else {
+                ExecutionStrategy::MultiDevice(devices, MultiDeviceOptim::OptimMainDevice)
+            };
+            training = training.with_training_strategy(strategy.into());
         }
         if let Some(n_epochs) = t.early_stopping_patience {
             use burn::train::metric::store::{Aggregate, Direction, Split};
@@ -242,7 +249,6 @@ fn tui_renderer(interrupter: burn::train::Interrupter, checkpoint: Option<usize>
 mod tests {
     use super::*;
     use crate::config::{GroupConfig, GroupsConfig};
-    use burn::module::{ModuleVisitor, Param};
     use burn::optim::GradientsParams;
     use burn::tensor::{Distribution, Int, Tensor, TensorData};
     use std::collections::BTreeMap;
@@ -250,32 +256,7 @@ mod tests {
 
     /// Every float tensor's values by module path (the stable names of `named_grads`).
     fn values<M: Module>(m: &M) -> BTreeMap<String, Vec<f32>> {
-        #[derive(Default)]
-        struct V {
-            path: Vec<String>,
-            pushed: Vec<bool>,
-            out: BTreeMap<String, Vec<f32>>,
-        }
-        impl ModuleVisitor for V {
-            fn enter_module(&mut self, name: &str, container_type: &str) {
-                let push = !container_type.starts_with("Enum:");
-                if push {
-                    self.path.push(name.to_string());
-                }
-                self.pushed.push(push);
-            }
-            fn exit_module(&mut self, _: &str, _: &str) {
-                if self.pushed.pop() == Some(true) {
-                    self.path.pop();
-                }
-            }
-            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-                self.out.insert(self.path.join("."), p.val().into_data().try_to_vec::<f32>().unwrap());
-            }
-        }
-        let mut v = V::default();
-        m.visit(&mut v);
-        v.out
+        vqt_models::tuners::named_values(m).into_iter().map(|(k, t)| (k, t.data)).collect()
     }
 
     /// The group a stable tensor name belongs to under `[train.groups]`.

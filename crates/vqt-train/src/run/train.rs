@@ -36,6 +36,11 @@ pub struct TrainOptions {
     /// burn-train's `MultiDevice` strategy (the first device holds the optimizer); their indices
     /// go into the record.
     pub devices: Vec<(usize, Device)>,
+    /// `--ddp`: with `devices`, burn-train's `DistributedDataParallel` strategy instead of
+    /// `MultiDevice` (gradients summed by an all-reduce during the backward pass, one optimizer
+    /// per device). Burn 0.22 implements the all-reduce only for CUDA (NCCL); the binary
+    /// refuses it on other backends.
+    pub ddp: bool,
 }
 
 /// Where the Head2Toe stages keep their checkpoints, metrics and trainable files (under the run
@@ -173,6 +178,7 @@ pub fn train(cfg: &ExperimentConfig, backend: &str, device: &Device, out: &Path,
         device_index: opts.device_index,
         precision: opts.precision.name().into(),
         devices: opts.devices.iter().map(|(i, _)| *i).collect(),
+        data_parallel: (opts.devices.len() > 1).then(|| if opts.ddp { "ddp" } else { "multi-device" }.to_string()),
         checkpoint: prep.checkpoint,
         // An add-on is named for both stages (`vqt-on-adaptformer`).
         method: match &prep.tuned_from {
