@@ -8,6 +8,8 @@
 //!   and HuggingFace `ViTModel` / `Dinov2Model` safetensors.
 //! * [`hash`]: sha256 of files, so run records can identify a checkpoint.
 
+#![deny(missing_docs)]
+
 pub mod checkpoint;
 pub mod data;
 pub mod device;

@@ -1,6 +1,8 @@
 //! vqt-models: the Vision Transformer, the query side and the heads, defined once for every
 //! Burn backend (the backend is chosen by the [`burn::tensor::Device`] at run time).
 
+#![deny(missing_docs)]
+
 pub mod cache;
 pub mod check;
 pub mod drop_path;

@@ -17,6 +17,8 @@ fn split(samples: &[Sample], range: [usize; 2], what: &str, path: &Path) -> Resu
     Ok(samples[range[0]..range[1]].to_vec())
 }
 
+/// The loaded data: train, validation and test samples, the class count, and what `skip_bad`
+/// skipped per split.
 pub type Splits = (Vec<Sample>, Vec<Sample>, Vec<Sample>, usize, BTreeMap<String, Skipped>);
 
 /// Reads the three splits of `data` (decoding images on `threads` threads).

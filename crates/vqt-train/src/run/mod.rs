@@ -6,13 +6,13 @@
 //! | [`batch`] | rows, the trunk-path batchers (images, or feature-cache rows), the seeded per-epoch shuffle |
 //! | [`build`] | the run from its config: splits, input pipeline, backbone + tuners, query method |
 //! | [`cache`] | the feature cache: its validity key, building it, opening a cache file |
-//! | [`stages`] | one training stage with burn-train's learner (optimizer, schedule, checkpoints, resume) |
-//! | [`train`] | a whole run: output-directory checks, stage(s) (Head2Toe has three), final evaluation, `run.json` |
+//! | `stages` | one training stage with burn-train's learner (optimizer, schedule, checkpoints, resume) |
+//! | [`mod@train`] | a whole run: output-directory checks, stage(s) (Head2Toe has three), final evaluation, `run.json` |
 //! | [`record`] | what `run.json` holds |
 //! | [`eval`] | accuracy on a split, of a saved run; per-layer feature extraction |
 //!
 //! So config -> [`build::prepare`] (dataset, trunk, query side, head) -> [`batch::TrunkBatcher`]
-//! (images, or the [`cache`]) -> [`stages::Stages::run`] -> [`eval`] -> [`record::RunRecord`].
+//! (images, or the [`cache`]) -> `stages::Stages::run` (one learner run) -> [`eval`] -> [`record::RunRecord`].
 
 pub mod batch;
 pub mod build;
