@@ -32,12 +32,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-[ -f assets-cache/dinov2-s14/model.safetensors ] && [ -f assets-cache/fashion-mnist/t10k-images-idx3-ubyte.gz ] || bash scripts/fetch-assets.sh
-cargo build -q --locked --workspace --bins
-target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-train="$target/debug/vqt-train"
-bench="$target/debug/vqt-bench"
-cfg=configs/experiments/fmnist-dinov2s-vqt.toml
+# Assets, binaries ($train, $bench) and the task config ($cfg).
+source scripts/demo-env.sh
 
 # row | grid axis (3 values, smaller first: ties keep the smaller) | fixed overrides (weight
 # decay per family: AdamW 1e-4 for the linear head and the backbone tuners, 0.01 for SynQT as its
