@@ -16,7 +16,7 @@
 # interrupted one from its last checkpoint, so the table can be built over several sittings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="runs/protocol"
+out="results/protocol"
 backend="cpu"
 only=""
 report_only=0

@@ -253,6 +253,30 @@ pub enum DataConfig {
         #[serde(default)]
         skip_bad: bool,
     },
+    /// A VTAB-1k task read straight from a TensorFlow Datasets data directory, as the official
+    /// VQT/VPT code reads it (task_adaptation's splits and labels; docs/design/vtab-tfds.md).
+    Tfds {
+        /// The TFDS data dir (`~/tensorflow_datasets` layout: `<dataset>[/<config>]/<version>/`).
+        root: PathBuf,
+        /// Task name or alias (the same as `kind = "vtab"`).
+        task: String,
+        /// Classes; defaults to the task's (a different value is an error).
+        #[serde(default)]
+        num_classes: Option<usize>,
+        /// Training split (`train800` to tune, `train800val200` for final runs).
+        #[serde(default = "default_train_split")]
+        train_split: String,
+        /// Validation split.
+        #[serde(default = "default_val_split")]
+        val_split: String,
+        /// Test split.
+        #[serde(default = "default_test_split")]
+        test_split: String,
+        /// Leave out (and count in run.json) records with a bad CRC, truncated shards, images
+        /// that do not decode and out-of-range labels instead of stopping (`--skip-bad`).
+        #[serde(default)]
+        skip_bad: bool,
+    },
     /// FGVC in the VPT convention: `<root>/{train,val,test}.json` objects `{"relpath": class}`,
     /// images under `<root>/<image_root>`; class ids made contiguous by sorting.
     Fgvc {
@@ -305,7 +329,7 @@ impl DataConfig {
     pub fn set_skip_bad(&mut self) -> Result<(), String> {
         match self {
             DataConfig::Idx { .. } => Err("--skip-bad applies to image datasets (vtab, fgvc, image-folder), not IDX files".into()),
-            DataConfig::Vtab { skip_bad, .. } | DataConfig::Fgvc { skip_bad, .. } | DataConfig::ImageFolder { skip_bad, .. } => {
+            DataConfig::Vtab { skip_bad, .. } | DataConfig::Tfds { skip_bad, .. } | DataConfig::Fgvc { skip_bad, .. } | DataConfig::ImageFolder { skip_bad, .. } => {
                 *skip_bad = true;
                 Ok(())
             }
@@ -641,7 +665,7 @@ impl ExperimentConfig {
                     }
                 }
             }
-            DataConfig::Vtab { task, num_classes, .. } => {
+            DataConfig::Vtab { task, num_classes, .. } | DataConfig::Tfds { task, num_classes, .. } => {
                 let (_, c) = vqt_core::data::files::vtab_task(task).map_err(|e| format!("data.task: {e}"))?;
                 if let Some(n) = num_classes {
                     if *n != c {

@@ -112,7 +112,7 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 /// test split pointed at val200) or the final phase (train800val200, scored on test).
 fn apply_phase(cfg: &mut ExperimentConfig, final_phase: bool) -> Result<(), String> {
     match &mut cfg.data {
-        DataConfig::Vtab { train_split, val_split, test_split, .. } => {
+        DataConfig::Vtab { train_split, val_split, test_split, .. } | DataConfig::Tfds { train_split, val_split, test_split, .. } => {
             let (tr, te) = if final_phase { ("train800val200", "test") } else { ("train800", "val200") };
             (*train_split, *val_split, *test_split) = (tr.into(), "val200".into(), te.into());
         }
@@ -129,7 +129,7 @@ fn apply_phase(cfg: &mut ExperimentConfig, final_phase: bool) -> Result<(), Stri
                 (*test_range, *test_limit) = (Some(*val_range), None);
             }
         }
-        _ => return Err("tune needs `[data] kind = \"vtab\"` (the VTAB-1k splits) or `kind = \"idx\"` (train_range = train800, val_range = val200)".into()),
+        _ => return Err("tune needs `[data] kind = \"vtab\"` or `kind = \"tfds\"` (the VTAB-1k splits) or `kind = \"idx\"` (train_range = train800, val_range = val200)".into()),
     }
     cfg.validate()
 }
@@ -333,7 +333,7 @@ pub struct PlanRequest<'a> {
 /// earlier plan in `dir` are removed (the selection writes them again from the grid runs).
 pub fn plan(req: &PlanRequest, dir: &Path) -> Result<Plan> {
     let base = config::load(req.config, req.overrides)?;
-    let vtab = matches!(base.data, DataConfig::Vtab { .. });
+    let vtab = matches!(base.data, DataConfig::Vtab { .. } | DataConfig::Tfds { .. });
     anyhow::ensure!(!req.tasks.is_empty() && !req.seeds.is_empty(), "tune: give at least one --tasks name and one --seeds value");
     anyhow::ensure!(vtab || req.tasks.len() == 1, "tune: an IDX config is one task: give one --tasks name (its label), not {}", req.tasks.len());
     if !vtab {
@@ -399,7 +399,7 @@ pub fn plan(req: &PlanRequest, dir: &Path) -> Result<Plan> {
 #[allow(clippy::too_many_arguments)]
 fn job(p: &Plan, base: &ExperimentConfig, dir: &Path, phase: Phase, task: &str, index: usize, setting: &[String], seed: Option<u64>, tuned_from: Option<PathBuf>) -> Result<Job> {
     let mut cfg = base.clone();
-    if let DataConfig::Vtab { task: t, .. } = &mut cfg.data {
+    if let DataConfig::Vtab { task: t, .. } | DataConfig::Tfds { task: t, .. } = &mut cfg.data {
         *t = task.to_string();
     }
     apply_phase(&mut cfg, phase == Phase::Final).map_err(|e| anyhow::anyhow!("{}: {e}", p.config.display()))?;

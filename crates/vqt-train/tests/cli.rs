@@ -962,3 +962,25 @@ fn tune_runs_the_protocol_on_idx_data_and_chains_an_add_on() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("final-seed-7") && e.contains("not a finished final run"), "{e}");
 }
+
+/// `[data] kind = "tfds"`: a VTAB-1k task read straight from a TFDS data dir (the fixture written
+/// by the real tensorflow_datasets writer): the splits task_adaptation defines, training and
+/// scoring, tune's phases, and one-line errors.
+#[test]
+fn tfds_data_trains_with_the_task_adaptation_splits() {
+    let d = tmp("tfds");
+    let cfg = config(&d, "kind = \"vqt\"\nnum_queries = 1", "auto");
+    let tfds = root().join("fixtures/tfds");
+    let data = |task: &str| format!("data={{kind=\"tfds\",root=\"{}\",task=\"{task}\"}}", tfds.display());
+    let rec = train_in("tfds", &cfg, &d.join("run"), "cpu", &["--set", &data("cifar100"), "--set", "train.epochs=1"]);
+    assert_eq!(rec["split_sizes"], serde_json::json!([800, 200, 100]), "train800 / val200 / test of the fixture");
+    let rec = train_in("tfds-clevr", &cfg, &d.join("clevr"), "cpu", &["--set", &data("clevr_dist"), "--set", "data.train_split=\"train800val200\"", "--set", "train.epochs=1"]);
+    assert_eq!(rec["split_sizes"], serde_json::json!([1000, 200, 100]), "clevr's VTAB test is its TFDS validation split");
+    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--set", &data("dtd")]);
+    assert!(e.contains("no TFDS dataset `dtd` here"), "{e}");
+    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--set", &data("cifar100").replace("}", ",num_classes=10}")]);
+    assert!(e.contains("data.num_classes = 10") && e.contains("100 classes"), "{e}");
+    let bad = format!("data={{kind=\"tfds\",root=\"{}\",task=\"cifar100\"}}", root().join("fixtures/tfds-corrupt/crc").display());
+    let e = err_of(&["train", "--config", cfg.to_str().unwrap(), "--set", &bad, "--set", "data.train_split=\"test\""]);
+    assert!(e.contains("cifar100-test.tfrecord-00001-of-00004") && e.contains("CRC"), "{e}");
+}

@@ -4,6 +4,7 @@
 pub mod files;
 pub mod idx;
 pub mod preprocess;
+pub mod tfds;
 
 use std::sync::Arc;
 

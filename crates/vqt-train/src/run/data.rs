@@ -62,6 +62,18 @@ pub fn load_data(data: &DataConfig, threads: usize) -> Result<Splits> {
             let (train, val, test) = (read(train_split)?, read(val_split)?, read(test_split)?);
             Ok((train, val, test, classes, skipped))
         }
+        DataConfig::Tfds { root, task, train_split, val_split, test_split, skip_bad, .. } => {
+            let mut read = |split: &str| -> Result<(Vec<Sample>, usize)> {
+                let (samples, s, classes) = vqt_core::data::tfds::load_vtab(root, task, split, *skip_bad, threads)?;
+                if s.total() > 0 {
+                    eprintln!("{split}: skipped {} bad record(s): {} corrupt, {} label out of range", s.total(), s.corrupt, s.bad_label);
+                    skipped.insert(split.to_string(), s);
+                }
+                Ok((samples, classes))
+            };
+            let ((train, classes), (val, _), (test, _)) = (read(train_split)?, read(val_split)?, read(test_split)?);
+            Ok((train, val, test, classes, skipped))
+        }
         DataConfig::Fgvc { root, image_root, num_classes, skip_bad } => {
             let ([train, val, test], found) = files::read_fgvc(root, image_root)?;
             anyhow::ensure!(found == *num_classes, "{}: the splits hold {found} classes, but data.num_classes = {num_classes}", root.display());
