@@ -576,6 +576,16 @@ impl TfdsTask {
 
     /// The label of `ex`, checked against the classes.
     pub fn label(&self, ex: &Example) -> Result<usize, String> {
+        self.in_range(self.raw_label(ex)?)
+    }
+
+    fn in_range(&self, v: i64) -> Result<usize, String> {
+        usize::try_from(v).ok().filter(|&l| l < self.classes).ok_or_else(|| format!("label {v} is out of range for the task's {} classes", self.classes))
+    }
+
+    /// The label value of `ex` as the task defines it, before the class-count check; an error
+    /// is a missing or mistyped feature.
+    fn raw_label(&self, ex: &Example) -> Result<i64, String> {
         let ints = |k: &str| ex.ints(k).ok_or_else(|| format!("feature `{k}` is not an int64 list"));
         let floats = |k: &str| ex.floats(k).ok_or_else(|| format!("feature `{k}` is not a float list"));
         // The last bin whose threshold lies below `d` (task_adaptation: reduce_max(where(thr < d))).
@@ -605,7 +615,7 @@ impl TfdsTask {
                 bin(&[-100.0, 8.0, 20.0, 999.0], d)
             }
         };
-        usize::try_from(v).ok().filter(|&l| l < self.classes).ok_or_else(|| format!("label {v} is out of range for the task's {} classes", self.classes))
+        Ok(v)
     }
 
     /// Decodes the Example's image as task_adaptation feeds it: RGB (grey replicated, alpha
@@ -645,15 +655,18 @@ pub fn load_vtab(root: &Path, task: &str, vtab_split: &str, skip_bad: bool, thre
     let mut skipped = Skipped::default();
     let records = t.records(root, vtab_split, skip_bad, &mut skipped)?;
     let chunk = records.len().div_ceil(threads.max(1)).max(1);
-    let decoded: Vec<Result<Sample, (PathBuf, usize, String)>> = std::thread::scope(|s| {
+    // An error carries whether it is only a label outside the classes (counted as such with
+    // `skip_bad`) or a damaged example (a missing feature, an image that does not decode).
+    let decoded: Vec<Result<Sample, (PathBuf, usize, String, bool)>> = std::thread::scope(|s| {
         let handles: Vec<_> = records
             .chunks(chunk)
             .map(|part| {
                 s.spawn(move || {
                     part.iter()
                         .map(|r| {
-                            let label = t.label(&r.example).map_err(|e| (r.shard.clone(), r.index, e))?;
-                            let image = t.image(&r.example).map_err(|e| (r.shard.clone(), r.index, e))?;
+                            let v = t.raw_label(&r.example).map_err(|e| (r.shard.clone(), r.index, e, false))?;
+                            let label = t.in_range(v).map_err(|e| (r.shard.clone(), r.index, e, true))?;
+                            let image = t.image(&r.example).map_err(|e| (r.shard.clone(), r.index, e, false))?;
                             Ok(Sample { image, label })
                         })
                         .collect::<Vec<_>>()
@@ -666,9 +679,9 @@ pub fn load_vtab(root: &Path, task: &str, vtab_split: &str, skip_bad: bool, thre
     for d in decoded {
         match d {
             Ok(s) => samples.push(s),
-            Err((_, _, msg)) if skip_bad && msg.contains("label") => skipped.bad_label += 1,
+            Err((_, _, _, true)) if skip_bad => skipped.bad_label += 1,
             Err(_) if skip_bad => skipped.corrupt += 1,
-            Err((shard, index, msg)) => return Err(fmt_err(&shard, format!("record {index}: {msg}"))),
+            Err((shard, index, msg, _)) => return Err(fmt_err(&shard, format!("record {index}: {msg}"))),
         }
     }
     if samples.is_empty() {
