@@ -160,6 +160,10 @@ enum Command {
         /// The method (a name of the registry's presets, as in `memory --methods`).
         #[arg(long)]
         method: PresetOn,
+        /// A/B switch for the `cpu` backend: `burn` runs Burn's own GELU (one thread, scalar
+        /// erf) instead of vqt-models' threaded, vectorised one.
+        #[arg(long, value_parser = ["ours", "burn"], default_value = "ours")]
+        flex_gelu: String,
         #[command(flatten)]
         shape: Shape,
     },
@@ -456,7 +460,8 @@ fn run() -> Result<()> {
             print!("{md}");
             Ok(())
         }
-        Command::Step { method, shape } => {
+        Command::Step { method, flex_gelu, shape } => {
+            vqt_models::ops::use_burn_flex_gelu(flex_gelu == "burn");
             let opts = shape.options()?;
             let device = make_device(shape.backend.parse()?, shape.device)?;
             let r = vqt_bench::bench::measure(&method, &opts, &device).map_err(anyhow::Error::msg)?;

@@ -2,42 +2,38 @@
 
 use burn::tensor::Tensor;
 
+pub mod gelu;
+
 /// The exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient on every backend.
 ///
-/// Burn's fused `gelu` computes the exact value, but its default backward is the derivative of
-/// the tanh approximation; only Flex (and LibTorch) override it with the exact one. So on Flex
-/// (the `cpu` backend) the fused op is used everywhere, one pass forward and one backward; on
-/// other backends with autodiff, GELU is composed from `erf`, whose derivative Burn computes
-/// exactly (otherwise gradients would differ from PyTorch's by up to ~1e-3 on ndarray, wgpu
-/// and CUDA); without autodiff (the frozen trunk, inference) the fused op is used.
+/// On Flex (the `cpu` backend) it is [`gelu::FastGelu`], a backend extension with its own
+/// autodiff node: forward and backward run on every rayon thread in an AVX-512/AVX2 loop chosen
+/// at run time, where Flex's own GELU runs one thread of scalar `libm` erf per element (it was a
+/// third of a frozen ViT block's forward, and more of a tuned method's step). Burn's fused
+/// `gelu` computes the exact value elsewhere, but its default backward is the derivative of the
+/// tanh approximation (only Flex and LibTorch override it), so on other backends with autodiff
+/// GELU is composed from `erf`, whose derivative Burn computes exactly (otherwise gradients would
+/// differ from PyTorch's by up to ~1e-3 on ndarray, wgpu and CUDA); without autodiff the fused
+/// op is used.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let device = x.device();
-    if device.is_autodiff() && !is_flex(&device) {
+    if is_flex(&device) && !BURN_FLEX_GELU.load(std::sync::atomic::Ordering::Relaxed) {
+        gelu::gelu_flex(x)
+    } else if device.is_autodiff() {
         let cdf = x.clone().mul_scalar(std::f64::consts::FRAC_1_SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5);
         x * cdf
-    } else if !device.is_autodiff() && is_flex(&device) && x.dtype() == burn::tensor::DType::F32 {
-        gelu_flex_threads(x)
     } else {
         burn::tensor::activation::gelu(x)
     }
 }
 
-/// GELU on every rayon thread for plain (non-autodiff) f32 Flex tensors, with the erf PyTorch's
-/// vectorised CPU kernel uses ([`erf_as`]): Flex runs element-wise ops on one thread through
-/// `libm::erff`, and that was a third of a frozen ViT block's forward (measured: 21 ms of 66 ms
-/// per ViT-S/14 block at 112 px, batch 32, 2 threads). The buffer is taken over and rewritten in
-/// place; the loop has no calls or branches, so it vectorises.
-fn gelu_flex_threads<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    use rayon::prelude::*;
-    let device = x.device();
-    let mut data = x.into_data();
-    let values: &mut [f32] = data.as_mut_slice().expect("checked: f32");
-    values.par_chunks_mut(1 << 14).for_each(|chunk| {
-        for v in chunk {
-            *v = 0.5 * *v * (1.0 + erf_as(*v * std::f32::consts::FRAC_1_SQRT_2));
-        }
-    });
-    Tensor::from_data(data, &device)
+static BURN_FLEX_GELU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For A/B measurements (`vqt-bench step --flex-gelu burn`): `true` makes [`gelu`] on Flex call
+/// Burn's own op (one thread, scalar `libm` erf, Burn's autodiff node) instead of
+/// [`gelu::FastGelu`], for the rest of the process.
+pub fn use_burn_flex_gelu(on: bool) {
+    BURN_FLEX_GELU.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// erf by Abramowitz & Stegun 7.1.26, `1 − (a₁t + … + a₅t⁵)·e^{−x²}` with `t = 1/(1 + p|x|)`
@@ -46,9 +42,15 @@ fn gelu_flex_threads<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 #[inline(always)]
 pub fn erf_as(x: f32) -> f32 {
     let a = x.abs();
+    erf_poly(a, exp_neg(a * a)).copysign(x)
+}
+
+/// erf(a) for `a ≥ 0` by A&S 7.1.26, given `e = e^{−a²}` (GELU's gradient reuses it).
+#[inline(always)]
+pub(crate) fn erf_poly(a: f32, e: f32) -> f32 {
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_7) * t - 0.284_496_72) * t + 0.254_829_6) * t;
-    (1.0 - poly * exp_neg(a * a)).copysign(x)
+    1.0 - poly * e
 }
 
 /// `e^{−y}` for `y ≥ 0`, branch-free (Cephes `expf`: `e^{−y} = 2ⁿ·e^r`, |r| ≤ ln2/2, degree-6

@@ -44,10 +44,15 @@ pub struct EpochRenderer {
     iteration: usize,
     /// Training iterations seen in the current epoch.
     epoch_iteration: usize,
+    /// The run's checkpoint folder (the fault injection waits for the previous epoch's seal).
+    ckpt_dir: Option<std::path::PathBuf>,
 }
 
 /// Fault injection for the crash tests: `VQT_TEST_ABORT_AT=E:I` aborts the process (as a kill
-/// would: no unwinding, no flushing) when training reaches iteration I of epoch E.
+/// would: no unwinding, no flushing) when training reaches iteration I of epoch E. So that the
+/// kill lands after epoch E-1's checkpoint is complete (burn-train writes it on another thread,
+/// which may still be sealing it), the abort first waits, up to a minute, for that checkpoint to
+/// be usable.
 fn abort_at() -> Option<(usize, usize)> {
     static AT: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
     *AT.get_or_init(|| {
@@ -60,7 +65,13 @@ fn abort_at() -> Option<(usize, usize)> {
 impl EpochRenderer {
     /// A renderer that writes into `log` and stops `interrupter` on a non-finite loss.
     pub fn new(log: Arc<Mutex<RunLog>>, interrupter: Interrupter, inner: Option<Box<dyn MetricsRenderer>>) -> Self {
-        Self { log, interrupter, inner, names: HashMap::new(), current: EpochMetrics::default(), epoch: 1, iteration: 0, epoch_iteration: 0 }
+        Self { log, interrupter, inner, names: HashMap::new(), current: EpochMetrics::default(), epoch: 1, iteration: 0, epoch_iteration: 0, ckpt_dir: None }
+    }
+
+    /// Names the run's checkpoint folder, which the crash tests' fault injection watches.
+    pub fn with_checkpoints(mut self, dir: &std::path::Path) -> Self {
+        self.ckpt_dir = Some(dir.to_path_buf());
+        self
     }
 
     fn record(&mut self, state: &MetricState, train: bool) {
@@ -75,6 +86,15 @@ impl EpochRenderer {
                 self.iteration += 1;
                 self.epoch_iteration += 1;
                 if abort_at() == Some((self.epoch, self.epoch_iteration)) {
+                    if let Some(dir) = &self.ckpt_dir {
+                        let t0 = std::time::Instant::now();
+                        while self.epoch > 1
+                            && crate::checkpoint::TrainableCheckpointer::latest(dir).is_none_or(|e| e + 1 < self.epoch)
+                            && t0.elapsed().as_secs() < 60
+                        {
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                    }
                     eprintln!("VQT_TEST_ABORT_AT: aborting at epoch {}, iteration {}", self.epoch, self.epoch_iteration);
                     std::process::abort();
                 }

@@ -158,7 +158,7 @@ impl Stages<'_> {
             training = training.checkpoint(epoch);
         }
         let tui = tui_renderer(training.interrupter(), start);
-        let renderer = EpochRenderer::new(log.clone(), training.interrupter(), tui);
+        let renderer = EpochRenderer::new(log.clone(), training.interrupter(), tui).with_checkpoints(&ckpt_dir);
         let result = training.renderer(Box::new(renderer)).launch(Learner::new(model.fork(&self.ad), optim, scheduler));
         let log = std::mem::take(&mut *log.lock().expect("run log"));
         if let Some((epoch, iteration, value)) = log.non_finite {
