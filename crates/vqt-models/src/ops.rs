@@ -29,7 +29,7 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 
 static BURN_FLEX_GELU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// For A/B measurements (`vqt-bench step --flex-gelu burn`): `true` makes [`gelu`] on Flex call
+/// For A/B measurements (`vqt-bench step --flex-gelu burn`): `true` makes [`gelu()`] on Flex call
 /// Burn's own op (one thread, scalar `libm` erf, Burn's autodiff node) instead of
 /// [`gelu::FastGelu`], for the rest of the process.
 pub fn use_burn_flex_gelu(on: bool) {
