@@ -49,6 +49,10 @@ rows=(
   "vpt-deep|train.lr=[0.0003,0.001,0.003]|method={kind=\"linear\"} tuners={vpt={num_tokens=10,deep=true}} train.epochs=10|"
   "synqt|train.lr=[0.0003,0.001,0.003]|method={kind=\"synqt\",num_tokens=1,feat_scale=0.1,attn_scale=0.1,ffn_scale=0.1} train.weight_decay=0.01|"
   "vqt-adaptformer|train.groups.method.lr=[0.01,0.03,0.1]|tuners={adaptformer={bottleneck=8,scale=0.1,dropout=0.1}} train.groups.tuners.lr=0.001 train.epochs=10|"
+  # The memory-budget rows (docs/results/memory-budget-vit-s14-112-b64.md): the tuner on the
+  # last 4 blocks only, the blocks below off the tape.
+  "adaptformer-last4|train.lr=[0.0003,0.001,0.003]|method={kind=\"linear\"} tuners={adaptformer={bottleneck=8,scale=0.1,dropout=0.1},layers=\"last:4\"} train.epochs=10|"
+  "lora-last4|train.lr=[0.0003,0.001,0.003]|method={kind=\"linear\"} tuners={lora={rank=8,alpha=8.0},layers=\"last:4\"} train.epochs=10|"
 )
 if [ "$report_only" = 0 ]; then
   for entry in "${rows[@]}"; do
