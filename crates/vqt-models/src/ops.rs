@@ -17,8 +17,12 @@ pub mod gelu;
 /// op is used.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let device = x.device();
-    if is_flex(&device) && !BURN_FLEX_GELU.load(std::sync::atomic::Ordering::Relaxed) {
-        gelu::gelu_flex(x)
+    if is_flex(&device) {
+        if BURN_FLEX_GELU.load(std::sync::atomic::Ordering::Relaxed) {
+            burn::tensor::activation::gelu(x)
+        } else {
+            gelu::gelu_flex(x)
+        }
     } else if device.is_autodiff() {
         let cdf = x.clone().mul_scalar(std::f64::consts::FRAC_1_SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5);
         x * cdf
