@@ -164,6 +164,11 @@ enum Command {
         /// erf) instead of vqt-models' threaded, vectorised one.
         #[arg(long, value_parser = ["ours", "burn"], default_value = "ours")]
         flex_gelu: String,
+        /// A/B switch for the `cpu` backend: `burn` runs attention through Burn's ops (its fused
+        /// `attention` without autodiff; matmul, softmax and matmul with it) instead of
+        /// vqt-models' per-head extension with its own backward.
+        #[arg(long, value_parser = ["ours", "burn"], default_value = "ours")]
+        flex_attention: String,
         #[command(flatten)]
         shape: Shape,
     },
@@ -460,8 +465,9 @@ fn run() -> Result<()> {
             print!("{md}");
             Ok(())
         }
-        Command::Step { method, flex_gelu, shape } => {
+        Command::Step { method, flex_gelu, flex_attention, shape } => {
             vqt_models::ops::use_burn_flex_gelu(flex_gelu == "burn");
+            vqt_models::ops::use_burn_flex_attention(flex_attention == "burn");
             let opts = shape.options()?;
             let device = make_device(shape.backend.parse()?, shape.device)?;
             let r = vqt_bench::bench::measure(&method, &opts, &device).map_err(anyhow::Error::msg)?;

@@ -2,6 +2,42 @@
 
 use burn::tensor::Tensor;
 
+/// Defines `$name(simd, args..)`: the `#[inline(always)]` loop `$body` compiled three times
+/// (AVX-512F, AVX2+FMA, baseline), the copy run chosen by `simd`.
+macro_rules! dispatched {
+    ($(#[$doc:meta])* $name:ident($($a:ident: $t:ty),*) => $body:block) => {
+        $(#[$doc])*
+        pub(crate) fn $name(simd: $crate::ops::gelu::Simd, $($a: $t),*) {
+            #[inline(always)]
+            fn body($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($a: $t),*) {
+                    body($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($a: $t),*) {
+                    body($($a),*)
+                }
+                match simd {
+                    // SAFETY: `simd` comes from `detect`, which checked the CPU for the feature
+                    // (a caller passing a level the CPU lacks is refused below).
+                    $crate::ops::gelu::Simd::Avx512 if $crate::ops::gelu::has($crate::ops::gelu::Simd::Avx512) => unsafe { avx512($($a),*) },
+                    $crate::ops::gelu::Simd::Avx2 if $crate::ops::gelu::has($crate::ops::gelu::Simd::Avx2) => unsafe { avx2($($a),*) },
+                    _ => body($($a),*),
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = simd;
+                body($($a),*)
+            }
+        }
+    };
+}
+
+pub mod attention;
 pub mod gelu;
 
 /// The exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient on every backend.
@@ -29,6 +65,29 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     } else {
         burn::tensor::activation::gelu(x)
     }
+}
+
+/// Multi-head attention `softmax(q·kᵀ/√Dh)·v` of split heads (`[B, H, Nq, Dh]` x
+/// `[B, H, Nk, Dh]` x `[B, H, Nk, Dv]` -> `[B, H, Nq, Dv]`) on Flex in f32, through
+/// [`attention::FastAttention`] (per-head products on the strided views, its own autodiff node),
+/// or `None` where that does not apply (another backend or dtype, or the A/B switch
+/// [`use_burn_flex_attention`] set): the caller then composes it from Burn's ops.
+pub fn flex_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<Tensor<4>, (Tensor<4>, Tensor<4>, Tensor<4>)> {
+    let f32s = [q.dtype(), k.dtype(), v.dtype()].iter().all(|d| *d == burn::tensor::DType::F32);
+    if !is_flex(&q.device()) || !f32s || BURN_FLEX_ATTENTION.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err((q, k, v));
+    }
+    let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+    Ok(attention::attention_flex(q, k, v, scale))
+}
+
+static BURN_FLEX_ATTENTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For A/B measurements (`vqt-bench step --flex-attention burn`): `true` makes attention on Flex
+/// take Burn's ops again (its fused `attention` without autodiff, matmul + softmax + matmul with
+/// it) instead of [`attention::FastAttention`], for the rest of the process.
+pub fn use_burn_flex_attention(on: bool) {
+    BURN_FLEX_ATTENTION.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 static BURN_FLEX_GELU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

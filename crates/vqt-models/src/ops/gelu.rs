@@ -144,41 +144,6 @@ pub(crate) fn gelu_grad_value(x: f32) -> f32 {
     cdf + x * (INV_SQRT_2PI * e)
 }
 
-/// Defines `$name(simd, args..)`: the `#[inline(always)]` loop `$body` compiled three times
-/// (AVX-512F, AVX2+FMA, baseline), the copy run chosen by `simd`.
-macro_rules! dispatched {
-    ($(#[$doc:meta])* $name:ident($($a:ident: $t:ty),*) => $body:block) => {
-        $(#[$doc])*
-        pub(crate) fn $name(simd: Simd, $($a: $t),*) {
-            #[inline(always)]
-            fn body($($a: $t),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn avx512($($a: $t),*) {
-                    body($($a),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($a: $t),*) {
-                    body($($a),*)
-                }
-                match simd {
-                    // SAFETY: `simd` comes from `detect`, which checked the CPU for the feature
-                    // (a caller passing a level the CPU lacks is refused below).
-                    Simd::Avx512 if has(Simd::Avx512) => unsafe { avx512($($a),*) },
-                    Simd::Avx2 if has(Simd::Avx2) => unsafe { avx2($($a),*) },
-                    _ => body($($a),*),
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = simd;
-                body($($a),*)
-            }
-        }
-    };
-}
-
 dispatched! {
     /// `v ← GELU(v)`.
     gelu_in_place(v: &mut [f32]) => {
@@ -228,7 +193,7 @@ pub fn simd() -> Simd {
 }
 
 /// Whether this CPU has the instructions of `level`.
-fn has(level: Simd) -> bool {
+pub(crate) fn has(level: Simd) -> bool {
     match level {
         Simd::Baseline => true,
         #[cfg(target_arch = "x86_64")]

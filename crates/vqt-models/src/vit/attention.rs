@@ -108,11 +108,17 @@ impl Attention {
 
     /// `softmax(q·kᵀ/√Dh)·v` with heads merged: `[B, H, Nq, Dh]` x `[B, H, Nk, Dh]` -> `[B, Nq, D]`.
     ///
-    /// Without autodiff on Flex (the frozen trunk, inference, the cache build) this is Burn's
-    /// fused `attention` op (per head: one product, scale and softmax in place, one product);
-    /// elsewhere the same arithmetic composed from matmul and softmax, which is what Burn's
-    /// autodiff does with `attention` anyway.
+    /// On Flex in f32 (the `cpu` backend, with or without autodiff) this is
+    /// [`crate::ops::attention::FastAttention`]: per (image, head) one task running both
+    /// products on the strided head views, the softmax in place, and a backward node of its own.
+    /// Elsewhere: Burn's fused `attention` op without autodiff, and under autodiff the same
+    /// arithmetic composed from matmul and softmax (which is what Burn's autodiff does with
+    /// `attention` anyway).
     pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+        let (q, k, v) = match crate::ops::flex_attention(q, k, v) {
+            Ok(o) => return merge_heads(o),
+            Err(qkv) => qkv,
+        };
         let device = q.device();
         if !device.is_autodiff() && crate::ops::is_flex(&device) {
             return merge_heads(attention(q, k, v, None, None, AttentionModuleOptions::default()));

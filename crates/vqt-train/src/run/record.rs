@@ -72,7 +72,8 @@ pub struct RunRecord {
     /// The allocator settings the process ran with (they change speed, not results).
     #[serde(default)]
     pub allocator: String,
-    /// `git rev-parse HEAD` of the working directory, if available.
+    /// The commit the binary was built from (`-dirty` when its sources differed from it), if
+    /// it was built inside a git checkout.
     pub git_revision: Option<String>,
 }
 
@@ -152,10 +153,11 @@ fn f32_name() -> String {
     "f32".into()
 }
 
-/// `git rev-parse HEAD` of the working directory, if available.
+/// The commit this binary was built from, `-dirty` when its sources differed from it (embedded
+/// by build.rs; `None` outside a git checkout). Not the working directory's `HEAD` at run time,
+/// which may have moved on since the build.
 pub(crate) fn git_revision() -> Option<String> {
-    let out = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    option_env!("VQT_BUILD_REVISION").map(str::to_string)
 }
 
 /// Reads `<run_dir>/run.json`.
