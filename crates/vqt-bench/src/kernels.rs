@@ -194,6 +194,62 @@ pub fn block_profile(vit: &VitConfig, batch: usize, reps: usize, device: &Device
     Ok(out)
 }
 
+/// One block's attention under autodiff (forward, then the backward of a weighted sum to q, k
+/// and v), as a tuned method's step runs it, with vqt-models' attention and with Burn's composed
+/// ops (`ops::use_burn_flex_attention`), in alternating rounds in this process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainAttention {
+    /// Median ms, vqt-models' attention (`FastAttention` on Flex).
+    pub ours_ms: f64,
+    /// Median ms, Burn's ops (matmul, softmax, matmul, and their autodiff nodes).
+    pub burn_ms: f64,
+    /// Alternating rounds each median is taken over.
+    pub rounds: usize,
+}
+
+/// Times [`TrainAttention`] at the block's shape (only meaningful on Flex, where the two paths
+/// differ; elsewhere both run Burn's ops).
+pub fn train_attention(vit: &VitConfig, batch: usize, reps: usize, device: &Device) -> Result<TrainAttention, String> {
+    use vqt_models::vit::Attention;
+    let plain = device.clone().without_autodiff();
+    let ad = plain.clone().autodiff();
+    let (t, h, dh) = (vit.num_tokens(), vit.num_heads, vit.head_dim());
+    let rnd = |dims: [usize; 4]| Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), &plain).into_data();
+    let (q, k, v, w) = (rnd([batch, h, t, dh]), rnd([batch, h, t, dh]), rnd([batch, h, t, dh]), rnd([batch, t, h, dh]));
+    let w = Tensor::<4>::from_data(w, &ad).reshape([batch, t, h * dh]);
+    let step = || {
+        let q = Tensor::<4>::from_data(q.clone(), &ad).require_grad();
+        let k = Tensor::<4>::from_data(k.clone(), &ad).require_grad();
+        let v = Tensor::<4>::from_data(v.clone(), &ad).require_grad();
+        let grads = (Attention::attend(q.clone(), k.clone(), v.clone()) * w.clone()).sum().backward();
+        drop((q.grad(&grads), k.grad(&grads), v.grad(&grads)));
+    };
+    let rounds = 3;
+    let (mut ours, mut burn) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for (use_burn, into) in [(true, &mut burn), (false, &mut ours)] {
+            vqt_models::ops::use_burn_flex_attention(use_burn);
+            let r = time_median(reps, &ad, &mut || step());
+            vqt_models::ops::use_burn_flex_attention(false);
+            into.push(r?);
+        }
+    }
+    Ok(TrainAttention { ours_ms: median(ours), burn_ms: median(burn), rounds })
+}
+
+/// The markdown line of a [`TrainAttention`].
+pub fn train_attention_markdown(a: &TrainAttention) -> String {
+    format!(
+        "
+One block's attention under autodiff (forward, then the backward to q, k and v), median of {} alternating rounds: \
+         vqt-models' attention {:.2} ms, Burn's composed ops {:.2} ms ({:.2}x).\n",
+        a.rounds,
+        a.ours_ms,
+        a.burn_ms,
+        a.ours_ms / a.burn_ms
+    )
+}
+
 /// One row of the report: ours and, where measured, PyTorch's.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KernelRow {
@@ -343,5 +399,11 @@ mod tests {
         assert_eq!(stages.len(), 10);
         assert!(stages.iter().all(|s| s.ms_median > 0.0));
         assert!(profile_markdown(&stages).contains("| whole block |"));
+        let a = train_attention(&vit, 2, 2, &device).unwrap();
+        assert!(a.ours_ms > 0.0 && a.burn_ms > 0.0 && a.rounds == 3, "{a:?}");
+        assert!(train_attention_markdown(&a).contains("Burn's composed ops"));
+        // The A/B switch is left off: the model's default path again.
+        let q = Tensor::<4>::random([1, 3, 5, 4], Distribution::Default, &device);
+        assert!(vqt_models::ops::flex_attention(q.clone(), q.clone(), q).is_ok());
     }
 }

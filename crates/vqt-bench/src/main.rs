@@ -350,8 +350,9 @@ fn run() -> Result<()> {
                 cpu: vqt_bench::kernels::cpu_description(),
             };
             let profile = vqt_bench::kernels::block_profile(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
-            let md = vqt_bench::kernels::markdown(&meta, &rows) + &vqt_bench::kernels::profile_markdown(&profile);
-            write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&serde_json::json!({ "meta": meta, "rows": rows, "block_profile": profile }))?)?;
+            let train_attention = vqt_bench::kernels::train_attention(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
+            let md = vqt_bench::kernels::markdown(&meta, &rows) + &vqt_bench::kernels::profile_markdown(&profile) + &vqt_bench::kernels::train_attention_markdown(&train_attention);
+            write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&serde_json::json!({ "meta": meta, "rows": rows, "block_profile": profile, "train_attention": train_attention }))?)?;
             write_atomic(&out.with_extension("md"), &md)?;
             print!("{md}");
             Ok(())
