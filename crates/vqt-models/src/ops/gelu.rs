@@ -90,41 +90,53 @@ impl<C: CheckpointStrategy> FastGelu for Autodiff<Flex, C> {
     }
 }
 
+/// `t`'s values, writable in place, when `t` is the only owner of a buffer it fills densely from
+/// the start (else `None`: a view, a shared buffer).
+fn owned_values(t: &mut FlexTensor) -> Option<&mut [f32]> {
+    let n = t.shape().num_elements();
+    if t.is_unique() && t.layout().contiguous_offsets() == Some((0, n)) {
+        t.try_storage_mut::<f32>()
+    } else {
+        None
+    }
+}
+
+/// `t` with contiguous values (a copy only when it is a strided view).
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.layout().contiguous_offsets().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
 /// GELU of `x` (f32): in place when `x` owns its contiguous buffer, else into a new one.
 fn forward(mut x: FlexTensor) -> FlexTensor {
-    let shape = x.shape();
-    if x.is_unique() && x.layout().contiguous_offsets() == Some((0, shape.num_elements())) {
-        if let Some(values) = x.try_storage_mut::<f32>() {
-            let simd = simd();
-            values.par_chunks_mut(CHUNK).for_each(|c| gelu_in_place(simd, c));
-            return x;
-        }
+    let simd = simd();
+    if let Some(values) = owned_values(&mut x) {
+        values.par_chunks_mut(CHUNK).for_each(|c| gelu_in_place(simd, c));
+        return x;
     }
-    let x = if x.layout().contiguous_offsets().is_some() { x } else { x.to_contiguous() };
+    let x = contiguous(x);
     let src = x.as_slice::<f32>().expect("contiguous f32");
     let mut out = vec![0f32; src.len()];
-    let simd = simd();
     out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, s)| gelu_into(simd, s, o));
-    FlexTensor::from_data(TensorData::new(out, shape))
+    FlexTensor::from_data(TensorData::new(out, x.shape()))
 }
 
 /// `grad · GELU'(x)`, GELU' = Φ(x) + x·φ(x), written into `grad`'s buffer when it owns it.
 fn backward(x: FlexTensor, mut grad: FlexTensor) -> FlexTensor {
-    let shape = grad.shape();
-    let x = if x.layout().contiguous_offsets().is_some() { x } else { x.to_contiguous() };
-    let xs = x.as_slice::<f32>().expect("contiguous f32");
-    if grad.is_unique() && grad.layout().contiguous_offsets() == Some((0, shape.num_elements())) {
-        if let Some(g) = grad.try_storage_mut::<f32>() {
-            let simd = simd();
-            g.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(g, x)| gelu_grad_in_place(simd, x, g));
-            return grad;
-        }
-    }
-    let grad = if grad.layout().contiguous_offsets().is_some() { grad } else { grad.to_contiguous() };
-    let mut g = grad.as_slice::<f32>().expect("contiguous f32").to_vec();
     let simd = simd();
+    let x = contiguous(x);
+    let xs = x.as_slice::<f32>().expect("contiguous f32");
+    if let Some(g) = owned_values(&mut grad) {
+        g.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(g, x)| gelu_grad_in_place(simd, x, g));
+        return grad;
+    }
+    let grad = contiguous(grad);
+    let mut g = grad.as_slice::<f32>().expect("contiguous f32").to_vec();
     g.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(g, x)| gelu_grad_in_place(simd, x, g));
-    FlexTensor::from_data(TensorData::new(g, shape))
+    FlexTensor::from_data(TensorData::new(g, grad.shape()))
 }
 
 /// GELU of one value: `0.5·x·(1 + erf(x/√2))`, erf by [`erf_poly`].
