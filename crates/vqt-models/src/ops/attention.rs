@@ -339,8 +339,8 @@ mod tests {
     fn data() -> [TensorData; 4] {
         let d = Device::flex();
         let r = |dims: [usize; 3], s: f32| Tensor::<3>::random(dims, Distribution::Normal(0.0, s as f64), &d).into_data();
-        // B = 2, Nq = 5, Nk = 9, H = 3, Dh = 8.
-        [r([2, 5, 24], 1.5), r([2, 9, 24], 1.5), r([2, 9, 24], 1.0), r([2, 5, 24], 1.0)]
+        // B = 2, Nq = 17 (the extension takes 16 query rows and more), Nk = 9, H = 3, Dh = 8.
+        [r([2, 17, 24], 1.5), r([2, 9, 24], 1.5), r([2, 9, 24], 1.0), r([2, 17, 24], 1.0)]
     }
 
     fn close(a: &[f32], b: &[f32], what: &str) {
@@ -374,6 +374,10 @@ mod tests {
         let (v_nd, _) = run(&Device::ndarray(), &data, [false; 3], None);
         close(&v_plain, &v_nd, "value without autodiff");
         close(&v_plain, &v_ref, "value without autodiff vs with");
+        // The route: the extension from 16 query rows per head, Burn's ops below.
+        let t = |nq: usize| Tensor::<4>::random([1, 2, nq, 4], Distribution::Default, &Device::flex());
+        assert!(crate::ops::flex_attention(t(16), t(9), t(9)).is_ok());
+        assert!(crate::ops::flex_attention(t(15), t(9), t(9)).is_err());
     }
 
     #[test]
