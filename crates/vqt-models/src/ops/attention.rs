@@ -220,7 +220,6 @@ fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, probs: &[f32], grad:
     let alloc = |on: bool, n: usize| if on { vec![0f32; n] } else { Vec::new() };
     let (mut dq, mut dk, mut dvv) = (alloc(want_q, b * h * nq * dh), alloc(want_k, b * h * nk * dh), alloc(want_v, b * h * nk * dv));
     let (dq_ptr, dk_ptr, dv_ptr) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dvv.as_mut_ptr()));
-    let level = simd();
     (0..b * h).into_par_iter().for_each_init(
         || vec![0f32; nq * nk],
         |ds, i| {
@@ -238,7 +237,7 @@ fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, probs: &[f32], grad:
             // dP = dO · Vᵀ
             unsafe { mm(nq, nk, dv, ds.as_mut_ptr(), 1, nk as isize, gv.head(bi, hi), gv.cs(), gv.rs(), vv.head(bi, hi), vv.rs(), vv.cs(), 1.0) };
             // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-            softmax_grad_rows(level, p, ds, nk, scale);
+            softmax_grad_rows(p, ds, nk, scale);
             if want_q {
                 // dQ = dS · K
                 unsafe { mm(nq, dh, nk, dq_ptr.get().add(i * nq * dh), 1, dh as isize, ds.as_ptr(), 1, nk as isize, kv.head(bi, hi), kv.cs(), kv.rs(), 1.0) };
@@ -281,7 +280,7 @@ fn exp_shifted(level: Simd, row: &mut [f32], max: f32) -> f32 {
 }
 
 /// `ds ← p ⊙ (ds − rowsum(ds ⊙ p)) · scale`, row by row (rows of `n`).
-fn softmax_grad_rows(_level: Simd, p: &[f32], ds: &mut [f32], n: usize, scale: f32) {
+fn softmax_grad_rows(p: &[f32], ds: &mut [f32], n: usize, scale: f32) {
     for (pr, dr) in p.chunks_exact(n).zip(ds.chunks_exact_mut(n)) {
         let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
         for (d, &pp) in dr.iter_mut().zip(pr) {
