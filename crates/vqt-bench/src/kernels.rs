@@ -7,7 +7,7 @@
 //! per-head attention products (`q·kᵀ` and `p·v`). The report gives each one's GFLOP/s, so a
 //! step's time can be set against the ceiling of its own kernels.
 
-use burn::tensor::module::linear;
+use vqt_models::ops::linear;
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 use crate::bench::median;
@@ -18,7 +18,7 @@ use vqt_models::VitConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KernelOp {
-    /// `linear(x: [B, T, K], W: [K, N])` (Burn's `Linear::forward`; PyTorch `F.linear`).
+    /// `linear(x: [B, T, K], W: [K, N])` (the model's `ops::linear`; PyTorch `F.linear`).
     Linear,
     /// The input gradient `dY: [B, T, N] · Wᵀ` (Burn's `linear_x_backward`).
     LinearDx,
@@ -171,7 +171,7 @@ pub fn block_profile(vit: &VitConfig, batch: usize, reps: usize, device: &Device
     let a = block.norm1_out(z.clone());
     let (q, k, v) = block.attn.qkv(a.clone());
     let o = Attention::attend(q.clone(), k.clone(), v.clone());
-    let h = block.mlp.fc1.forward(a.clone());
+    let h = vqt_models::ops::apply(&block.mlp.fc1, a.clone());
     let g = vqt_models::ops::gelu(h.clone());
     let rows = (batch * t) as f64;
     let lin = |k: usize, n: usize| Some(2.0 * rows * k as f64 * n as f64 / 1e9);
@@ -187,9 +187,9 @@ pub fn block_profile(vit: &VitConfig, batch: usize, reps: usize, device: &Device
     stage("output projection", lin(d, d), &mut || drop(block.attn.project_out(o.clone())))?;
     stage("residual add", None, &mut || drop(z.clone() + o.clone()))?;
     stage("LayerNorm 2", None, &mut || drop(block.norm2.forward(z.clone())))?;
-    stage("fc1", lin(d, hidden), &mut || drop(block.mlp.fc1.forward(a.clone())))?;
+    stage("fc1", lin(d, hidden), &mut || drop(vqt_models::ops::apply(&block.mlp.fc1, a.clone())))?;
     stage("GELU", None, &mut || drop(vqt_models::ops::gelu(h.clone())))?;
-    stage("fc2", lin(hidden, d), &mut || drop(block.mlp.fc2.forward(g.clone())))?;
+    stage("fc2", lin(hidden, d), &mut || drop(vqt_models::ops::apply(&block.mlp.fc2, g.clone())))?;
     stage("whole block", None, &mut || drop(block.forward(z.clone())))?;
     Ok(out)
 }

@@ -169,6 +169,11 @@ enum Command {
         /// vqt-models' per-head extension with its own backward.
         #[arg(long, value_parser = ["ours", "burn"], default_value = "ours")]
         flex_attention: String,
+        /// A/B switch for the `cpu` backend: `burn` runs every linear layer through Burn's
+        /// `linear` (a matmul into a zeroed output, then a bias add) instead of vqt-models'
+        /// bias-initialised single gemm with its own backward.
+        #[arg(long, value_parser = ["ours", "burn"], default_value = "ours")]
+        flex_linear: String,
         #[command(flatten)]
         shape: Shape,
     },
@@ -466,9 +471,10 @@ fn run() -> Result<()> {
             print!("{md}");
             Ok(())
         }
-        Command::Step { method, flex_gelu, flex_attention, shape } => {
+        Command::Step { method, flex_gelu, flex_attention, flex_linear, shape } => {
             vqt_models::ops::use_burn_flex_gelu(flex_gelu == "burn");
             vqt_models::ops::use_burn_flex_attention(flex_attention == "burn");
+            vqt_models::ops::use_burn_flex_linear(flex_linear == "burn");
             let opts = shape.options()?;
             let device = make_device(shape.backend.parse()?, shape.device)?;
             let r = vqt_bench::bench::measure(&method, &opts, &device).map_err(anyhow::Error::msg)?;

@@ -39,6 +39,37 @@ macro_rules! dispatched {
 
 pub mod attention;
 pub mod gelu;
+pub mod linear;
+
+/// The linear layer `x·W + b` (`x: [..., d_in]`, `W: [d_in, d_out]` in Burn's layout).
+///
+/// On Flex in f32 it is [`linear::FastLinear`]: one gemm call over every row into an output
+/// that starts as the bias rows, with its own autodiff node (Burn's default for Flex runs a
+/// matmul into a zeroed output and then a separate bias add, 92-141 GFLOP/s at a ViT-S block's
+/// shapes where gemm itself reaches 160-180 on Zen 3). Elsewhere, or with the A/B switch
+/// [`use_burn_flex_linear`] set, Burn's `linear`.
+pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
+    let f32s = x.dtype() == burn::tensor::DType::F32 && weight.dtype() == burn::tensor::DType::F32;
+    if f32s && is_flex(&x.device()) && !BURN_FLEX_LINEAR.load(std::sync::atomic::Ordering::Relaxed) {
+        linear::linear_flex(x, weight, bias)
+    } else {
+        burn::tensor::module::linear(x, weight, bias)
+    }
+}
+
+/// A `burn::nn::Linear` layer applied through [`linear()`].
+pub fn apply<const D: usize>(layer: &burn::nn::Linear, x: Tensor<D>) -> Tensor<D> {
+    linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+}
+
+static BURN_FLEX_LINEAR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For A/B measurements (`vqt-bench step --flex-linear burn`): `true` makes [`linear()`] on Flex
+/// call Burn's own `linear` (matmul, then bias add) instead of [`linear::FastLinear`], for the
+/// rest of the process.
+pub fn use_burn_flex_linear(on: bool) {
+    BURN_FLEX_LINEAR.store(on, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// The exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient on every backend.
 ///

@@ -87,8 +87,8 @@ impl Bottleneck {
 
     /// Applies the bottleneck with its residual.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.drop.forward(gelu(self.fc1.forward(x.clone())));
-        x + self.drop.forward(self.fc2.forward(h))
+        let h = self.drop.forward(gelu(crate::ops::apply(&self.fc1, x.clone())));
+        x + self.drop.forward(crate::ops::apply(&self.fc2, h))
     }
 }
 
@@ -181,11 +181,11 @@ impl SynqtHead {
         let h0 = h.clone().narrow(1, 0, 1);
         let rest = self.drop_path.forward(h.narrow(1, 1, n - 1));
         let h = Tensor::cat(vec![h0.clone(), rest], 1);
-        let w = self.weight_drop.forward(gelu(self.get_weight.forward(h0.reshape([b, d])))).tanh();
+        let w = self.weight_drop.forward(gelu(crate::ops::apply(&self.get_weight, h0.reshape([b, d])))).tanh();
         let ones = Tensor::<2>::ones([b, 1], &w.device());
         let w = Tensor::cat(vec![ones, w], 1).reshape([b, n, 1]);
         let f = (h * w).mean_dim(1).reshape([b, d]);
-        self.classifier.forward(self.head_norm.forward(f))
+        crate::ops::apply(&self.classifier, self.head_norm.forward(f))
     }
 }
 

@@ -126,7 +126,7 @@ impl Vqt {
             Some(ids) => select_columns(feats, ids),
             None => feats,
         };
-        self.head.forward(feats)
+        crate::ops::apply(&self.head, feats)
     }
 
     /// `λ·Σ_j ‖W_j‖₂` in the compress stage, `None` otherwise.

@@ -78,12 +78,12 @@ impl AdapterConfig {
 impl BottleneckAdapter {
     /// `x + act(x·W_dn + b_dn)·W_up + b_up`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.down.forward(x.clone());
+        let h = crate::ops::apply(&self.down, x.clone());
         let h = match self.activation {
             AdapterActivation::Gelu => gelu(h),
             AdapterActivation::Relu => relu(h),
         };
-        x + self.up.forward(h)
+        x + crate::ops::apply(&self.up, h)
     }
 }
 

@@ -62,6 +62,6 @@ impl AdaptFormerConfig {
 impl AdaptFormer {
     /// `s·(dropout(relu(z·W_dn + b_dn))·W_up + b_up)`.
     pub fn forward(&self, z: Tensor<3>) -> Tensor<3> {
-        self.up.forward(self.dropout.forward(relu(self.down.forward(z)))).mul_scalar(self.scale)
+        crate::ops::apply(&self.up, self.dropout.forward(relu(crate::ops::apply(&self.down, z)))).mul_scalar(self.scale)
     }
 }

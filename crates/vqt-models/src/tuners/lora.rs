@@ -93,7 +93,7 @@ impl LoraQkv {
     /// Adds the update of third `part` (0 = q, 1 = k, 2 = v) for the normalised tokens `a`.
     pub fn apply(&self, part: usize, a: Tensor<3>, out: Tensor<3>) -> Tensor<3> {
         match self.pair(part) {
-            Some(p) => out + a.matmul(p.a.val().unsqueeze::<3>()).matmul(p.b.val().unsqueeze::<3>()).mul_scalar(self.scale),
+            Some(p) => out + crate::ops::linear(crate::ops::linear(a, p.a.val(), None), p.b.val(), None).mul_scalar(self.scale),
             None => out,
         }
     }

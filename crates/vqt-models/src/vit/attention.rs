@@ -3,7 +3,7 @@ use crate::tuners::ssf::{self, Ssf};
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::activation::softmax;
-use burn::tensor::module::{attention, linear};
+use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 
@@ -49,7 +49,7 @@ impl Attention {
     fn project_part(&self, a: Tensor<3>, start: usize, len: usize) -> Tensor<3> {
         let w = self.qkv.weight.val().narrow(1, start, len);
         let b = self.qkv.bias.as_ref().map(|b| b.val().narrow(0, start, len));
-        linear(a, w, b)
+        crate::ops::linear(a, w, b)
     }
 
     /// Third `part` (0 = q, 1 = k, 2 = v) of the fused projection `out` of tokens `a`, with the
@@ -68,7 +68,7 @@ impl Attention {
     /// q, k, v of the (already normalised) tokens `a: [B, N, D]`, each `[B, H, N, Dh]`.
     pub fn qkv(&self, a: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let d = self.width();
-        let qkv = self.qkv.forward(a.clone());
+        let qkv = crate::ops::apply(&self.qkv, a.clone());
         if self.lora.is_none() && self.ssf_qkv.is_none() {
             // timm's split: [B, N, 3·D] -> [B, N, 3, H, Dh] -> [3, B, H, N, Dh] (views), then one
             // copy per part into a contiguous [B, H, N, Dh] (instead of a copy into [B, N, H, Dh]
@@ -103,7 +103,7 @@ impl Attention {
 
     /// The output projection (plus its SSF, if tuned).
     pub fn project_out(&self, o: Tensor<3>) -> Tensor<3> {
-        ssf::maybe(&self.ssf_proj, self.proj.forward(o))
+        ssf::maybe(&self.ssf_proj, crate::ops::apply(&self.proj, o))
     }
 
     /// `softmax(q·kᵀ/√Dh)·v` with heads merged: `[B, H, Nq, Dh]` x `[B, H, Nk, Dh]` -> `[B, Nq, D]`.

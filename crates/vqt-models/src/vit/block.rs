@@ -37,8 +37,8 @@ pub struct Mlp {
 impl Mlp {
     /// Applies the MLP per token.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = gelu(ssf::maybe(&self.ssf_fc1, self.fc1.forward(x)));
-        ssf::maybe(&self.ssf_fc2, self.fc2.forward(h))
+        let h = gelu(ssf::maybe(&self.ssf_fc1, crate::ops::apply(&self.fc1, x)));
+        ssf::maybe(&self.ssf_fc2, crate::ops::apply(&self.fc2, h))
     }
 }
 

@@ -197,7 +197,7 @@ impl Vit {
     /// Logits of the classification head. Panics if the model was built without a head.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let head = self.head.as_ref().expect("Vit::forward needs a head (num_classes > 0)");
-        head.forward(self.forward_features(images))
+        crate::ops::apply(head, self.forward_features(images))
     }
 
     /// Every block's output and the final class token.
