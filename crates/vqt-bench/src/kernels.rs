@@ -186,7 +186,7 @@ pub fn block_profile(vit: &VitConfig, batch: usize, reps: usize, device: &Device
     stage("attention (q·kᵀ, softmax, p·v, merge heads)", attn_flops, &mut || drop(Attention::attend(q.clone(), k.clone(), v.clone())))?;
     stage("output projection", lin(d, d), &mut || drop(block.attn.project_out(o.clone())))?;
     stage("residual add", None, &mut || drop(z.clone() + o.clone()))?;
-    stage("LayerNorm 2", None, &mut || drop(block.norm2.forward(z.clone())))?;
+    stage("LayerNorm 2", None, &mut || drop(vqt_models::ops::norm(&block.norm2, z.clone())))?;
     stage("fc1", lin(d, hidden), &mut || drop(vqt_models::ops::apply(&block.mlp.fc1, a.clone())))?;
     stage("GELU", None, &mut || drop(vqt_models::ops::gelu(h.clone())))?;
     stage("fc2", lin(hidden, d), &mut || drop(vqt_models::ops::apply(&block.mlp.fc2, g.clone())))?;
@@ -224,17 +224,78 @@ pub fn train_attention(vit: &VitConfig, batch: usize, reps: usize, device: &Devi
         let grads = (Attention::attend(q.clone(), k.clone(), v.clone()) * w.clone()).sum().backward();
         drop((q.grad(&grads), k.grad(&grads), v.grad(&grads)));
     };
+    alternate(reps, &ad, vqt_models::ops::use_burn_flex_attention, step)
+}
+
+/// `step` timed in 3 alternating rounds with `switch(true)` (Burn's path) and `switch(false)`
+/// (vqt-models'), the switch reset to `false` after each.
+fn alternate(reps: usize, ad: &Device, switch: fn(bool), step: impl Fn()) -> Result<TrainAttention, String> {
     let rounds = 3;
     let (mut ours, mut burn) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         for (use_burn, into) in [(true, &mut burn), (false, &mut ours)] {
-            vqt_models::ops::use_burn_flex_attention(use_burn);
-            let r = time_median(reps, &ad, &mut || step());
-            vqt_models::ops::use_burn_flex_attention(false);
+            switch(use_burn);
+            let r = time_median(reps, ad, &mut || step());
+            switch(false);
             into.push(r?);
         }
     }
     Ok(TrainAttention { ours_ms: median(ours), burn_ms: median(burn), rounds })
+}
+
+/// One block's first LayerNorm under autodiff (forward, then the backward of a weighted sum to
+/// its input, a frozen LayerNorm as in a tuned backbone), vqt-models' extension against the
+/// module's own forward (Burn's composed ops), in alternating rounds ([`TrainAttention`]'s
+/// fields).
+pub fn train_layer_norm(vit: &VitConfig, batch: usize, reps: usize, device: &Device) -> Result<TrainAttention, String> {
+    let plain = device.clone().without_autodiff();
+    let ad = plain.clone().autodiff();
+    let (t, d) = (vit.num_tokens(), vit.embed_dim);
+    use burn::module::Module as _;
+    let ln = burn::nn::LayerNormConfig::new(d).with_epsilon(1e-6).init(&ad).no_grad();
+    let x = Tensor::<3>::random([batch, t, d], Distribution::Normal(0.0, 1.0), &plain).into_data();
+    let w = Tensor::<3>::random([batch, t, d], Distribution::Normal(0.0, 1.0), &ad);
+    let step = || {
+        let x = Tensor::<3>::from_data(x.clone(), &ad).require_grad();
+        let grads = (vqt_models::ops::norm(&ln, x.clone()) * w.clone()).sum().backward();
+        drop(x.grad(&grads));
+    };
+    alternate(reps, &ad, vqt_models::ops::use_burn_flex_layer_norm, step)
+}
+
+/// One block's fc1 under autodiff (forward with bias, then the backward of a weighted sum to its
+/// input, the weight frozen as in a tuned backbone), vqt-models' extension against Burn's
+/// `linear`, in alternating rounds ([`TrainAttention`]'s fields).
+pub fn train_linear(vit: &VitConfig, batch: usize, reps: usize, device: &Device) -> Result<TrainAttention, String> {
+    let plain = device.clone().without_autodiff();
+    let ad = plain.clone().autodiff();
+    let (t, d, hidden) = (vit.num_tokens(), vit.embed_dim, vit.mlp_hidden());
+    use burn::module::Module as _;
+    let fc1 = burn::nn::LinearConfig::new(d, hidden).init(&ad).no_grad();
+    let x = Tensor::<3>::random([batch, t, d], Distribution::Normal(0.0, 1.0), &plain).into_data();
+    let w = Tensor::<3>::random([batch, t, hidden], Distribution::Normal(0.0, 1.0), &ad);
+    let step = || {
+        let x = Tensor::<3>::from_data(x.clone(), &ad).require_grad();
+        let grads = (vqt_models::ops::apply(&fc1, x.clone()) * w.clone()).sum().backward();
+        drop(x.grad(&grads));
+    };
+    alternate(reps, &ad, vqt_models::ops::use_burn_flex_linear, step)
+}
+
+/// The markdown line of [`train_layer_norm`] and [`train_linear`].
+pub fn train_ops_markdown(ln: &TrainAttention, lin: &TrainAttention) -> String {
+    format!(
+        "
+Under autodiff, forward then backward to the input (frozen parameters), median of {} alternating rounds: one LayerNorm \
+         vqt-models' {:.2} ms, Burn's composed ops {:.2} ms ({:.2}x); fc1 with bias vqt-models' {:.2} ms, Burn's `linear` {:.2} ms ({:.2}x).\n",
+        ln.rounds,
+        ln.ours_ms,
+        ln.burn_ms,
+        ln.ours_ms / ln.burn_ms,
+        lin.ours_ms,
+        lin.burn_ms,
+        lin.ours_ms / lin.burn_ms
+    )
 }
 
 /// The markdown line of a [`TrainAttention`].
@@ -402,6 +463,9 @@ mod tests {
         let a = train_attention(&vit, 2, 2, &device).unwrap();
         assert!(a.ours_ms > 0.0 && a.burn_ms > 0.0 && a.rounds == 3, "{a:?}");
         assert!(train_attention_markdown(&a).contains("Burn's composed ops"));
+        let (ln, lin) = (train_layer_norm(&vit, 2, 2, &device).unwrap(), train_linear(&vit, 2, 2, &device).unwrap());
+        assert!(ln.ours_ms > 0.0 && ln.burn_ms > 0.0 && lin.ours_ms > 0.0 && lin.burn_ms > 0.0);
+        assert!(train_ops_markdown(&ln, &lin).contains("one LayerNorm"));
         // The A/B switch is left off: the model's default path again.
         let q = Tensor::<4>::random([1, 3, 20, 4], Distribution::Default, &device);
         assert!(vqt_models::ops::flex_attention(q.clone(), q.clone(), q).is_ok());

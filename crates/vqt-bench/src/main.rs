@@ -174,6 +174,11 @@ enum Command {
         /// bias-initialised single gemm with its own backward.
         #[arg(long, value_parser = ["ours", "burn"], default_value = "ours")]
         flex_linear: String,
+        /// A/B switch for the `cpu` backend: `burn` runs LayerNorm through the module's own
+        /// forward (under autodiff Burn's composed element-wise ops) instead of vqt-models'
+        /// row-parallel extension with its own backward.
+        #[arg(long, value_parser = ["ours", "burn"], default_value = "ours")]
+        flex_layer_norm: String,
         #[command(flatten)]
         shape: Shape,
     },
@@ -356,8 +361,16 @@ fn run() -> Result<()> {
             };
             let profile = vqt_bench::kernels::block_profile(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
             let train_attention = vqt_bench::kernels::train_attention(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
-            let md = vqt_bench::kernels::markdown(&meta, &rows) + &vqt_bench::kernels::profile_markdown(&profile) + &vqt_bench::kernels::train_attention_markdown(&train_attention);
-            write_atomic(&out.with_extension("json"), &serde_json::to_string_pretty(&serde_json::json!({ "meta": meta, "rows": rows, "block_profile": profile, "train_attention": train_attention }))?)?;
+            let train_layer_norm = vqt_bench::kernels::train_layer_norm(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
+            let train_linear = vqt_bench::kernels::train_linear(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
+            let md = vqt_bench::kernels::markdown(&meta, &rows)
+                + &vqt_bench::kernels::profile_markdown(&profile)
+                + &vqt_bench::kernels::train_attention_markdown(&train_attention)
+                + &vqt_bench::kernels::train_ops_markdown(&train_layer_norm, &train_linear);
+            write_atomic(
+                &out.with_extension("json"),
+                &serde_json::to_string_pretty(&serde_json::json!({ "meta": meta, "rows": rows, "block_profile": profile, "train_attention": train_attention, "train_layer_norm": train_layer_norm, "train_linear": train_linear }))?,
+            )?;
             write_atomic(&out.with_extension("md"), &md)?;
             print!("{md}");
             Ok(())
@@ -471,7 +484,8 @@ fn run() -> Result<()> {
             print!("{md}");
             Ok(())
         }
-        Command::Step { method, flex_gelu, flex_attention, flex_linear, shape } => {
+        Command::Step { method, flex_gelu, flex_attention, flex_linear, flex_layer_norm, shape } => {
+            vqt_models::ops::use_burn_flex_layer_norm(flex_layer_norm == "burn");
             vqt_models::ops::use_burn_flex_gelu(flex_gelu == "burn");
             vqt_models::ops::use_burn_flex_attention(flex_attention == "burn");
             vqt_models::ops::use_burn_flex_linear(flex_linear == "burn");

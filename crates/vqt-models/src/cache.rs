@@ -375,7 +375,7 @@ impl FeatureCache {
                     let mut buf = Vec::with_capacity(b * n * d);
                     store.gather(rows, n * d, &mut buf);
                     let z = Tensor::<3>::from_data(TensorData::new(buf, [b, n, d]), &device);
-                    block.attn.kv(block.norm1.forward(z))
+                    block.attn.kv(crate::ops::norm(&block.norm1, z))
                 }
             })
             .collect();

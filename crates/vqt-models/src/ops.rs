@@ -39,7 +39,42 @@ macro_rules! dispatched {
 
 pub mod attention;
 pub mod gelu;
+pub mod layer_norm;
 pub mod linear;
+
+/// A `burn::nn::LayerNorm` applied to `x` (over its last dim).
+///
+/// On Flex in f32 (with a bias, as every LayerNorm here has) it is
+/// [`layer_norm::FastLayerNorm`]: row-parallel forward and backward with its own autodiff node
+/// (Burn 0.22 composes LayerNorm under autodiff from nine one-threaded element-wise ops, each
+/// with its own backward node). Elsewhere, or with the A/B switch [`use_burn_flex_layer_norm`]
+/// set, the module's own `forward`.
+pub fn norm<const D: usize>(ln: &burn::nn::LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    let flex = x.dtype() == burn::tensor::DType::F32 && is_flex(&x.device()) && !BURN_FLEX_LAYER_NORM.load(std::sync::atomic::Ordering::Relaxed);
+    match (&ln.beta, flex.then(|| layer_norm_eps(ln)).flatten()) {
+        (Some(beta), Some(eps)) => layer_norm::layer_norm_flex(x, ln.gamma.val(), beta.val(), eps),
+        _ => ln.forward(x),
+    }
+}
+
+/// A LayerNorm's ε. Burn 0.22 keeps the field private and shows it only in the module's
+/// display (`LayerNorm {d_model: 384, epsilon: 0.000001, bias: true, ...}`), so it is read from
+/// there; `None` (then the module's own forward runs) if that text ever changes.
+fn layer_norm_eps(ln: &burn::nn::LayerNorm) -> Option<f64> {
+    let text = format!("{ln}");
+    let rest = &text[text.find("epsilon: ")? + "epsilon: ".len()..];
+    let end = rest.find([',', '}', ' ']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok().filter(|e: &f64| e.is_finite() && *e >= 0.0)
+}
+
+static BURN_FLEX_LAYER_NORM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For A/B measurements (`vqt-bench step --flex-layer-norm burn`): `true` makes [`norm()`] on
+/// Flex run the module's own forward (Burn's composed ops under autodiff) instead of
+/// [`layer_norm::FastLayerNorm`], for the rest of the process.
+pub fn use_burn_flex_layer_norm(on: bool) {
+    BURN_FLEX_LAYER_NORM.store(on, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// The linear layer `x·W + b` (`x: [..., d_in]`, `W: [d_in, d_out]` in Burn's layout).
 ///

@@ -117,8 +117,8 @@ impl QsmAttention {
     /// `proj_drop(proj(attn_drop(softmax(q·kᵀ/√D))·v))`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let d = x.dims()[2];
-        let q = self.q_proj.forward(self.q_norm.forward(x.clone()));
-        let kv_in = self.kv_norm.forward(x);
+        let q = self.q_proj.forward(crate::ops::norm(&self.q_norm, x.clone()));
+        let kv_in = crate::ops::norm(&self.kv_norm, x);
         let k = self.k_proj.forward(kv_in.clone());
         let v = self.v_proj.forward(kv_in);
         let attn = softmax(q.matmul(k.swap_dims(1, 2)).mul_scalar(1.0 / (d as f64).sqrt()), 2);
@@ -148,8 +148,8 @@ impl QsmBlock {
     pub fn forward(&self, z: Tensor<3>) -> Tensor<3> {
         let xi = self.attn_scale.val().unsqueeze::<3>();
         let zeta = self.ffn_scale.val().unsqueeze::<3>();
-        let z = z.clone() + self.attn.forward(self.norm1.forward(z)) * xi;
-        z.clone() + self.mlp.forward(self.norm2.forward(z)) * zeta
+        let z = z.clone() + self.attn.forward(crate::ops::norm(&self.norm1, z)) * xi;
+        z.clone() + self.mlp.forward(crate::ops::norm(&self.norm2, z)) * zeta
     }
 }
 
@@ -177,7 +177,7 @@ impl SynqtHead {
     /// `tokens: [B, n, D]` -> logits `[B, C]`.
     pub fn forward(&self, tokens: Tensor<3>) -> Tensor<2> {
         let [b, n, d] = tokens.dims();
-        let h = tokens.clone() + self.mlp.forward(self.out_norm.forward(tokens));
+        let h = tokens.clone() + self.mlp.forward(crate::ops::norm(&self.out_norm, tokens));
         let h0 = h.clone().narrow(1, 0, 1);
         let rest = self.drop_path.forward(h.narrow(1, 1, n - 1));
         let h = Tensor::cat(vec![h0.clone(), rest], 1);
@@ -185,7 +185,7 @@ impl SynqtHead {
         let ones = Tensor::<2>::ones([b, 1], &w.device());
         let w = Tensor::cat(vec![ones, w], 1).reshape([b, n, 1]);
         let f = (h * w).mean_dim(1).reshape([b, d]);
-        crate::ops::apply(&self.classifier, self.head_norm.forward(f))
+        crate::ops::apply(&self.classifier, crate::ops::norm(&self.head_norm, f))
     }
 }
 

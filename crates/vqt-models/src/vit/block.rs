@@ -84,7 +84,7 @@ impl Block {
 
     /// `LN1(z)` (plus its SSF, if tuned): the input of the attention projections.
     pub fn norm1_out(&self, z: Tensor<3>) -> Tensor<3> {
-        ssf::maybe(&self.ssf_norm1, self.norm1.forward(z))
+        ssf::maybe(&self.ssf_norm1, crate::ops::norm(&self.norm1, z))
     }
 
     /// What the attention branch adds to the residual stream, from the projected attention
@@ -105,7 +105,7 @@ impl Block {
     /// serial MLP adapter if present) plus AdaptFormer's parallel branch if present. For any
     /// tokens, trunk or query.
     pub fn mlp_branch(&self, u: Tensor<3>) -> Tensor<3> {
-        let m = scale(&self.ls2, self.mlp.forward(ssf::maybe(&self.ssf_norm2, self.norm2.forward(u.clone()))));
+        let m = scale(&self.ls2, self.mlp.forward(ssf::maybe(&self.ssf_norm2, crate::ops::norm(&self.norm2, u.clone()))));
         let m = adapter::maybe(&self.adapter_mlp, m);
         match &self.adaptformer {
             Some(a) => m + a.forward(u),

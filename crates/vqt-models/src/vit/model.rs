@@ -185,7 +185,7 @@ impl Vit {
     /// Normalised class token `[B, D]` of the final residual stream.
     pub fn pool(&self, z: Tensor<3>) -> Tensor<2> {
         let [b, _, d] = z.dims();
-        ssf::maybe(&self.ssf_norm, self.norm.forward(z.narrow(1, 0, 1))).reshape([b, d])
+        ssf::maybe(&self.ssf_norm, crate::ops::norm(&self.norm, z.narrow(1, 0, 1))).reshape([b, d])
     }
 
     /// The class-token feature `LN_final(Z_L)[:, 0]`, `[B, D]`.
