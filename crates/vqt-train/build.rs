@@ -10,7 +10,11 @@ fn git(root: &Path, args: &[&str]) -> Option<std::process::Output> {
 }
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // The manifest directory as cargo passes it to this run (not `env!`, which would keep the
+    // path this script was first compiled at: a clone elsewhere sharing the target directory
+    // left a deleted path there, git failed, and binaries went out without a revision).
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for build scripts");
+    let root = Path::new(&manifest).join("../..");
     // Rerun when the commit or the sources change (cargo scans a directory recursively).
     // (Only paths that exist: a missing one would make cargo rerun this on every build.)
     for p in ["crates", "Cargo.toml", "Cargo.lock", ".git/HEAD", ".git/index"] {

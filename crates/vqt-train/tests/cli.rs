@@ -45,6 +45,14 @@ fn vqt_trains_from_the_cache_on_cpu_and_learns() {
     assert_eq!(rec["cache"]["mode"], "kv");
     // The band position is trivially separable: a working pipeline beats chance (33%) by far.
     assert!(rec["test_accuracy"].as_f64().unwrap() > 60.0, "{rec}");
+    // The record names the commit the binary was built from, when built in a git checkout
+    // (cargo rebuilds the binary when HEAD or the index change, so it is this HEAD).
+    let head = Command::new("git").arg("-C").arg(root()).args(["rev-parse", "HEAD"]).output().ok().filter(|o| o.status.success());
+    if let Some(head) = head {
+        let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+        let rev = rec["git_revision"].as_str().unwrap_or_else(|| panic!("no git_revision in a git checkout at {head}: {rec}"));
+        assert!(rev.starts_with(&head), "git_revision {rev} is not HEAD {head}");
+    }
 }
 
 #[test]
