@@ -27,8 +27,12 @@ pub struct RunSummary {
     pub total_params: usize,
     /// Process peak RSS (bytes).
     pub peak_rss_bytes: Option<u64>,
-    /// Wall time (s).
+    /// Wall time (s) of the invocation that wrote the record.
     pub wall_seconds: f64,
+    /// The epoch the run resumed from, if it was resumed (then its wall time and peak RSS are
+    /// those of the last invocation only).
+    #[serde(default)]
+    pub resumed_from_epoch: Option<usize>,
     /// `trunk` or `full`.
     #[serde(default)]
     pub path: Option<String>,
@@ -56,10 +60,13 @@ pub struct MethodRow {
     pub val_mean: f64,
     /// Trainable parameters.
     pub trainable_params: usize,
-    /// Peak RSS mean (MiB), when recorded.
+    /// Peak RSS mean (MiB) over the runs that were not resumed, when recorded.
     pub peak_rss_mib: Option<f64>,
-    /// Wall time mean (s).
-    pub wall_seconds: f64,
+    /// Wall time mean (s) over the runs that were not resumed (`None` if every run was).
+    pub wall_seconds: Option<f64>,
+    /// Runs that were resumed, left out of the wall-time and peak-RSS means (a resumed run's
+    /// record holds only its last invocation's).
+    pub resumed_runs: usize,
     /// `trunk` or `full`.
     pub path: Option<String>,
     /// Feature-cache size (MiB), for cached runs.
@@ -162,7 +169,8 @@ pub fn aggregate(paths: &[PathBuf]) -> Result<Vec<MethodRow>, String> {
             } else {
                 0.0
             };
-            let rss: Vec<f64> = runs.iter().filter_map(|r| r.peak_rss_bytes).map(|b| b as f64 / (1024.0 * 1024.0)).collect();
+            let whole: Vec<&RunSummary> = runs.iter().filter(|r| r.resumed_from_epoch.is_none()).collect();
+            let rss: Vec<f64> = whole.iter().filter_map(|r| r.peak_rss_bytes).map(|b| b as f64 / (1024.0 * 1024.0)).collect();
             MethodRow {
                 method,
                 runs: runs.len(),
@@ -172,7 +180,8 @@ pub fn aggregate(paths: &[PathBuf]) -> Result<Vec<MethodRow>, String> {
                 val_mean: runs.iter().map(|r| r.val_accuracy).sum::<f64>() / n,
                 trainable_params: runs[0].trainable_params,
                 peak_rss_mib: (!rss.is_empty()).then(|| rss.iter().sum::<f64>() / rss.len() as f64),
-                wall_seconds: runs.iter().map(|r| r.wall_seconds).sum::<f64>() / n,
+                wall_seconds: (!whole.is_empty()).then(|| whole.iter().map(|r| r.wall_seconds).sum::<f64>() / whole.len() as f64),
+                resumed_runs: runs.len() - whole.len(),
                 path: runs[0].path.clone(),
                 cache_mib: runs[0].cache.as_ref().and_then(|c| c["bytes"].as_f64()).map(|b| b / (1024.0 * 1024.0)),
                 step_memory_mib: None,
@@ -193,7 +202,7 @@ pub fn markdown(rows: &[MethodRow], title: Option<&str>) -> String {
     s += if step { " step memory MiB (as measured for) |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n" } else { "\n|---|---|---|---:|---:|---:|---:|---:|---:|\n" };
     for r in rows {
         s += &format!(
-            "| {} | {} | {} ({}) | {} | {:.2} | {} | {} | {} | {:.1} |",
+            "| {} | {} | {} ({}) | {} | {:.2} | {} | {} | {} | {} |",
             r.method,
             r.path.as_deref().unwrap_or("–"),
             r.runs,
@@ -203,7 +212,11 @@ pub fn markdown(rows: &[MethodRow], title: Option<&str>) -> String {
             r.trainable_params,
             r.peak_rss_mib.map(|m| format!("{m:.0}")).unwrap_or_else(|| "–".into()),
             r.cache_mib.map(|m| format!("{m:.0}")).unwrap_or_else(|| "–".into()),
-            r.wall_seconds
+            match (r.wall_seconds, r.resumed_runs) {
+                (Some(w), 0) => format!("{w:.1}"),
+                (Some(w), k) => format!("{w:.1} ({} of {} runs; {k} resumed)", r.runs - k, r.runs),
+                (None, _) => "– (every run resumed)".into(),
+            }
         );
         if step {
             s += &match (r.step_memory_mib, &r.step_memory_method) {
@@ -214,6 +227,9 @@ pub fn markdown(rows: &[MethodRow], title: Option<&str>) -> String {
         s += "\n";
     }
     s += "\nTest accuracy is scored once, at the last epoch; std is the sample standard deviation over seeds. Peak RSS is the whole process (the decoded dataset, backbone, feature cache and training); the cache column is the part of it the K/V cache holds.";
+    if rows.iter().any(|r| r.resumed_runs > 0) {
+        s += " Peak RSS and wall time are means over the runs that were not resumed: a resumed run's record holds only its last invocation's.";
+    }
     if step {
         s += " Step memory is what one training step adds (`vqt-bench memory`, its own process per method, at the shape its report states), not a run's RSS.";
     }

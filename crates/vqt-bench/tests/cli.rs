@@ -154,6 +154,20 @@ fn report_aggregates_runs_per_method_over_seeds() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
     assert!(svg.contains("cache 64 MiB"), "{svg}");
+    // A resumed run's wall time and peak RSS (its last invocation's only) stay out of the means.
+    let rdir = d.join("vqt").join("seed-44");
+    std::fs::create_dir_all(&rdir).unwrap();
+    let rec = serde_json::json!({
+        "method": "vqt", "backend": "cpu", "test_accuracy": 82.0, "val_accuracy": 81.0, "trainable_params": 1234, "total_params": 99999,
+        "peak_rss_bytes": 10u64 << 20, "wall_seconds": 0.5, "resumed_from_epoch": 9, "path": "trunk", "config": {"train": {"seed": 44}}
+    });
+    std::fs::write(rdir.join("run.json"), rec.to_string()).unwrap();
+    let o = bench().arg("report").arg(&d).arg("--out").arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
+    assert!(md.contains("| vqt | trunk | 3 (42, 43, 44) | 82.00 ± 2.00 | 81.00 | 1234 | 100 | – | 2.0 (2 of 3 runs; 1 resumed) |"), "{md}");
+    assert!(md.contains("not resumed"), "{md}");
+    std::fs::remove_dir_all(&rdir).unwrap();
     let step = |m: &str, mib: u64| serde_json::json!({"method": m, "backend": "cpu", "backbone": "b", "img_size": 32, "batch": 2, "trainable_params": 1,
         "total_params": 2, "step_ms_median": 1.0, "train_images_per_s": 2.0, "rss_baseline_bytes": null, "rss_peak_bytes": null,
         "rss_train_bytes": mib << 20, "device_peak_bytes": null, "cache_build_ms": null, "cache_100_epochs_over_inference": null,
