@@ -30,9 +30,13 @@ dino="$cache/dinov2-s14"
 if [ ! -f "$dino/model.safetensors" ] || [ ! -f "$dino/reference.safetensors" ]; then
   py=python3
   if ! $py -c "import numpy, onnx, onnxruntime, safetensors" 2>/dev/null; then
-    if [ ! -x "$cache/pyenv/bin/python" ]; then
+    # The venv counts only once its packages are installed (the stamp is written last): an
+    # interrupted install is removed and redone, not trusted.
+    if [ ! -f "$cache/pyenv/.complete" ]; then
+      rm -rf "$cache/pyenv"
       python3 -m venv "$cache/pyenv"
       "$cache/pyenv/bin/pip" install -q numpy onnx onnxruntime safetensors
+      touch "$cache/pyenv/.complete"
     fi
     py="$cache/pyenv/bin/python"
   fi
