@@ -14,6 +14,8 @@
 #
 # Rerunning reuses every finished run (its settings checked like --resume) and resumes an
 # interrupted one from its last checkpoint, so the table can be built over several sittings.
+# VQT_BIN_DIR=DIR (scripts/demo-env.sh) runs a copy of the binaries kept in DIR without
+# building, so the rows keep one binary, and one recorded revision, while the tree changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="results/protocol"
