@@ -179,6 +179,11 @@ enum Command {
         /// row-parallel extension with its own backward.
         #[arg(long, value_parser = ["ours", "burn"], default_value = "ours")]
         flex_layer_norm: String,
+        /// A/B switch for the `cpu` backend: `split` copies each block's fused qkv output apart
+        /// into q, k and v (timm's split) before attention, instead of attention reading the
+        /// heads in place with one gradient for the fused output.
+        #[arg(long, value_parser = ["packed", "split"], default_value = "packed")]
+        flex_qkv: String,
         #[command(flatten)]
         shape: Shape,
     },
@@ -301,6 +306,7 @@ fn rayon_threads() -> usize {
 
 fn main() {
     vqt_core::mem::tune_allocator();
+    vqt_core::process::exit_on_runtime_deadlock();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(2);
@@ -484,7 +490,8 @@ fn run() -> Result<()> {
             print!("{md}");
             Ok(())
         }
-        Command::Step { method, flex_gelu, flex_attention, flex_linear, flex_layer_norm, shape } => {
+        Command::Step { method, flex_gelu, flex_attention, flex_linear, flex_layer_norm, flex_qkv, shape } => {
+            vqt_models::ops::use_split_qkv(flex_qkv == "split");
             vqt_models::ops::use_burn_flex_layer_norm(flex_layer_norm == "burn");
             vqt_models::ops::use_burn_flex_gelu(flex_gelu == "burn");
             vqt_models::ops::use_burn_flex_attention(flex_attention == "burn");

@@ -40,6 +40,12 @@ impl QueryMethod {
         }
     }
 
+    /// Whether the method reads the trunk's keys and values (VQT and SynQT do; the linear head
+    /// reads the final class token only, so its trunk passes neither copy nor keep them).
+    pub fn reads_kv(&self) -> bool {
+        !matches!(self, QueryMethod::Linear(_))
+    }
+
     /// An extra loss term the method defines (VQT's group lasso in the compress stage).
     pub fn penalty(&self) -> Option<Tensor<1>> {
         match self {
@@ -145,9 +151,15 @@ impl TrunkModel {
     /// deterministic trunk: asking for noise on them is a programming error (configs reject
     /// `cache != off` with faithful mode before any model is built).
     pub fn trunk_with(&self, input: TrunkInput, noise: TrunkNoise) -> TrunkKv {
+        self.trunk_pass(input, noise, true)
+    }
+
+    /// The trunk pass of [`TrunkModel::trunk_with`]; from images, each layer's keys and values
+    /// only when `keep_kv` (the logits pass asks for them only when the method reads them).
+    fn trunk_pass(&self, input: TrunkInput, noise: TrunkNoise, keep_kv: bool) -> TrunkKv {
         match input {
-            TrunkInput::Images(x) if self.full_path => self.backbone.forward_kv_split(x, noise, self.frozen_prefix),
-            TrunkInput::Images(x) => self.backbone.forward_kv_noisy(x.without_autodiff(), noise),
+            TrunkInput::Images(x) if self.full_path => self.backbone.trunk_pass(x, noise, self.frozen_prefix, keep_kv),
+            TrunkInput::Images(x) => self.backbone.trunk_pass(x.without_autodiff(), noise, 0, keep_kv),
             TrunkInput::Cached(_) if self.full_path => panic!("the feature cache needs a frozen trunk, but this model tunes the backbone"),
             TrunkInput::Cached(_) if !noise.is_off() => panic!("the feature cache needs a deterministic trunk (faithful mode is on)"),
             TrunkInput::Cached(t) => TrunkKv {
@@ -159,7 +171,7 @@ impl TrunkModel {
 
     /// Logits for a batch input (deterministic trunk).
     pub fn forward(&self, input: TrunkInput) -> Tensor<2> {
-        let trunk = self.trunk(input);
+        let trunk = self.trunk_pass(input, TrunkNoise::default(), self.method.reads_kv());
         self.method.forward(&self.backbone, &trunk)
     }
 
@@ -175,7 +187,7 @@ impl TrunkModel {
     }
 
     fn classification(&self, batch: TrunkBatch, noise: TrunkNoise) -> ClassificationOutput {
-        let trunk = self.trunk_with(batch.input, noise);
+        let trunk = self.trunk_pass(batch.input, noise, self.method.reads_kv());
         let logits = self.method.forward(&self.backbone, &trunk);
         let targets = batch.targets.to_device(&logits.device());
         let mut loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), targets.clone());

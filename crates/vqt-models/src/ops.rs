@@ -153,6 +153,40 @@ pub fn flex_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<Tensor
     Ok(attention::attention_flex(q, k, v, scale))
 }
 
+/// Self-attention of a fused projection `qkv: [B, N, 3·H·Dh]` (timm's fused qkv output) with
+/// `heads` heads, `[B, H, N, Dh]`, through [`attention::FastAttention::fast_attention_packed`]
+/// on Flex in f32: the heads are read where the projection wrote them and, under autodiff, the
+/// backward returns one gradient for `qkv` (split into three copies, Burn's slicing backward
+/// would zero-fill a tensor of `qkv`'s size per part and sum the three). `Ok` also hands `qkv`
+/// back (a caller keeping the keys and values copies them out of it); `Err(qkv)` where the
+/// extension does not apply (another backend or dtype, fewer than 16 tokens, or one of the A/B
+/// switches [`use_burn_flex_attention`] and [`use_split_qkv`] set).
+pub fn flex_attention_packed(qkv: Tensor<3>, heads: usize) -> Result<(Tensor<4>, Tensor<3>), Tensor<3>> {
+    let [_, n, width] = qkv.dims();
+    let usable = is_flex(&qkv.device())
+        && qkv.dtype() == burn::tensor::DType::F32
+        && n >= MIN_QUERY_ROWS
+        && heads > 0
+        && width % (3 * heads) == 0
+        && !BURN_FLEX_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
+        && !SPLIT_QKV.load(std::sync::atomic::Ordering::Relaxed);
+    if !usable {
+        return Err(qkv);
+    }
+    let scale = 1.0 / ((width / (3 * heads)) as f32).sqrt();
+    Ok((attention::attention_packed_flex(qkv.clone(), heads, scale), qkv))
+}
+
+static SPLIT_QKV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For A/B measurements (`vqt-bench step --flex-qkv split`): `true` makes self-attention on
+/// Flex copy the fused projection apart into q, k and v (timm's split) and run
+/// [`attention::FastAttention::fast_attention`] on the copies, instead of
+/// [`flex_attention_packed`], for the rest of the process.
+pub fn use_split_qkv(on: bool) {
+    SPLIT_QKV.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Query rows per head from which [`flex_attention`] takes the per-head extension (ViT tokens,
 /// 50 and more at the sizes used here); fewer go through Burn's ops.
 const MIN_QUERY_ROWS: usize = 16;

@@ -177,6 +177,31 @@ fn cache_sizes_match_the_arithmetic() {
 }
 
 #[test]
+fn a_trunk_pass_that_keeps_no_keys_and_values_gives_the_same_class_token() {
+    use vqt_models::vit::TrunkNoise;
+    let plain = Device::flex();
+    plain.seed(5);
+    let vit = tiny().init(&plain);
+    let x = images(&plain, 3, 4);
+    let noise = TrunkNoise { embed_dropout: 0.1, drop_path: 0.5 };
+    for noise in [TrunkNoise::default(), noise] {
+        plain.seed(9);
+        let full = vit.trunk_pass(x.clone(), noise.clone(), 0, true);
+        plain.seed(9);
+        let bare = vit.trunk_pass(x.clone(), noise.clone(), 0, false);
+        assert_eq!(full.kv.len(), vit.depth());
+        assert!(bare.kv.is_empty(), "keys and values kept although not asked for");
+        assert!(HostTensor::from_tensor(bare.cls) == HostTensor::from_tensor(full.cls), "the class token differs ({noise:?})");
+    }
+    // The linear probe's logits (its pass keeps none) equal the head on the full pass's token.
+    let head = LinearConfig::new(vit.embed_dim(), CLASSES).init(&plain);
+    let cls = vit.forward_kv(x.clone()).cls;
+    let expected = HostTensor::from_tensor(vqt_models::ops::apply(&head, cls));
+    let model = TrunkModel::new(vit, QueryMethod::Linear(head));
+    assert!(HostTensor::from_tensor(model.forward(TrunkInput::Images(x))) == expected);
+}
+
+#[test]
 fn faithful_trunk_noise_is_random_in_training_only_and_stays_off_the_tape() {
     use vqt_models::vit::TrunkNoise;
     let plain = Device::flex();

@@ -38,11 +38,21 @@ pub trait FastAttention: Backend {
     /// `softmax(q·kᵀ·scale)·v` for `q: [B, H, Nq, Dh]`, `k: [B, H, Nk, Dh]`, `v: [B, H, Nk, Dv]`
     /// (any strides), giving `[B, H, Nq, Dv]`.
     fn fast_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self>;
+    /// Self-attention of a fused projection `qkv: [B, N, 3·H·Dh]` (q, k and v side by side,
+    /// head h of each owning columns `h·Dh .. (h+1)·Dh` of its third, as timm's fused qkv),
+    /// read in place (rows at any stride, columns contiguous or not), giving `[B, H, N, Dh]`.
+    /// Under autodiff its backward writes the gradient of `qkv` as one tensor, so the three
+    /// parts are neither copied apart in the forward nor gathered back (zero-filled and
+    /// summed, as slicing's backward would) in the backward.
+    fn fast_attention_packed(qkv: FloatTensor<Self>, heads: usize, scale: f32) -> FloatTensor<Self>;
 }
 
 impl FastAttention for Flex {
     fn fast_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
         forward(&q, &k, &v, scale, false).0
+    }
+    fn fast_attention_packed(qkv: FloatTensor<Self>, heads: usize, scale: f32) -> FloatTensor<Self> {
+        forward_packed(&qkv, heads, scale, false).0
     }
 }
 
@@ -93,6 +103,35 @@ impl<C: CheckpointStrategy> FastAttention for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(forward(q.primitive(), k.primitive(), v.primitive(), scale, false).0),
         }
     }
+
+    fn fast_attention_packed(qkv: FloatTensor<Self>, heads: usize, scale: f32) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct PackedNode;
+
+        impl Backward<Flex, 1> for PackedNode {
+            type State = (NodeId, Probs, usize, f32);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let [node] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                let (state, probs, heads, scale) = ops.state;
+                let qkv: FlexTensor = checkpointer.retrieve_node_output(state);
+                if let Some(node) = node {
+                    grads.register::<Flex>(node.id, backward_packed(&qkv, heads, &probs.0, &grad, scale));
+                }
+            }
+        }
+
+        match PackedNode.prepare::<C>([qkv.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = prep.checkpoint(&qkv);
+                let (out, probs) = forward_packed(qkv.primitive(), heads, scale, true);
+                let probs = Probs(std::sync::Arc::new(probs.expect("kept when asked")));
+                prep.finish((state, probs, heads, scale), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward_packed(qkv.primitive(), heads, scale, false).0),
+        }
+    }
 }
 
 /// A strided 4-D f32 view `[B, H, rows, cols]`: its buffer, the element offset of its origin
@@ -115,6 +154,24 @@ impl<'a> View<'a> {
             start: layout.start_offset() as isize,
             strides: [s[0], s[1], s[2], s[3]],
             dims: [shape[0], shape[1], shape[2], shape[3]],
+        }
+    }
+
+    /// Part `part` (0 = q, 1 = k, 2 = v) of a fused projection `[B, N, 3·H·Dh]` as the view
+    /// `[B, H, N, Dh]` of its heads.
+    fn packed(t: &'a FlexTensor, heads: usize, part: usize) -> Self {
+        let layout = t.layout();
+        let shape = layout.shape();
+        assert_eq!(shape.num_dims(), 3, "attention: the fused qkv must be [B, N, 3·D], got {shape:?}");
+        let [b, n, width] = [shape[0], shape[1], shape[2]];
+        assert!(heads > 0 && width % (3 * heads) == 0, "attention: a fused qkv of width {width} does not split into 3 x {heads} heads");
+        let dh = width / (3 * heads);
+        let s = layout.strides();
+        Self {
+            data: t.storage::<f32>(),
+            start: layout.start_offset() as isize + (part * heads * dh) as isize * s[2],
+            strides: [s[0], dh as isize * s[2], s[1], s[2]],
+            dims: [b, heads, n, dh],
         }
     }
 
@@ -179,8 +236,18 @@ fn checked_dims(q: &View, k: &View, v: &View) -> (usize, usize, usize, usize, us
 /// probabilities `[B·H, Nq, Nk]`. Non-f32 inputs go through Burn's own attention.
 fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
     assert!(q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32, "attention: f32 only (the caller routes other dtypes to Burn)");
-    let (qv, kv, vv) = (View::of(q, "q"), View::of(k, "k"), View::of(v, "v"));
-    let (b, h, nq, nk, dh, dv) = checked_dims(&qv, &kv, &vv);
+    forward_views(&View::of(q, "q"), &View::of(k, "k"), &View::of(v, "v"), scale, keep)
+}
+
+/// [`forward`] of the heads of a fused projection `[B, N, 3·H·Dh]`.
+fn forward_packed(qkv: &FlexTensor, heads: usize, scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
+    assert!(qkv.dtype() == DType::F32, "attention: f32 only (the caller routes other dtypes to Burn)");
+    let [q, k, v] = [0, 1, 2].map(|part| View::packed(qkv, heads, part));
+    forward_views(&q, &k, &v, scale, keep)
+}
+
+fn forward_views(qv: &View, kv: &View, vv: &View, scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
+    let (b, h, nq, nk, dh, dv) = checked_dims(qv, kv, vv);
     let mut out = vec![0f32; b * nq * h * dv];
     let mut probs = keep.then(|| vec![0f32; b * h * nq * nk]);
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -212,24 +279,69 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, scale: f32, keep: boo
 
 /// The gradients `[dQ, dK, dV]` (those asked for) from the output gradient `grad`.
 fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, probs: &[f32], grad: &FlexTensor, scale: f32, want: [bool; 3]) -> [Option<FlexTensor>; 3] {
-    let (qv, kv, vv, gv) = (View::of(q, "q"), View::of(k, "k"), View::of(v, "v"), View::of(grad, "grad"));
+    let (qv, kv, vv) = (View::of(q, "q"), View::of(k, "k"), View::of(v, "v"));
     let (b, h, nq, nk, dh, dv) = checked_dims(&qv, &kv, &vv);
-    assert_eq!(gv.dims, [b, h, nq, dv], "attention: output gradient shape");
-    assert_eq!(probs.len(), b * h * nq * nk, "attention: kept probabilities");
     let [want_q, want_k, want_v] = want;
     let alloc = |on: bool, n: usize| if on { vec![0f32; n] } else { Vec::new() };
     let (mut dq, mut dk, mut dvv) = (alloc(want_q, b * h * nq * dh), alloc(want_k, b * h * nk * dh), alloc(want_v, b * h * nk * dv));
-    let (dq_ptr, dk_ptr, dv_ptr) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dvv.as_mut_ptr()));
+    // Each gradient contiguous [B, H, rows, cols].
+    let dest = |on: bool, buf: &mut Vec<f32>, rows: usize, cols: usize| on.then(|| Dest { ptr: SendPtr(buf.as_mut_ptr()), base: 0, sb: h * rows * cols, sh: rows * cols, rs: cols });
+    let dests = [dest(want_q, &mut dq, nq, dh), dest(want_k, &mut dk, nk, dh), dest(want_v, &mut dvv, nk, dv)];
+    backward_views(&qv, &kv, &vv, probs, &View::of(grad, "grad"), scale, dests);
+    let wrap = |on: bool, data: Vec<f32>, n: usize, d: usize| on.then(|| FlexTensor::from_data(TensorData::new(data, [b, h, n, d])));
+    [wrap(want_q, dq, nq, dh), wrap(want_k, dk, nk, dh), wrap(want_v, dvv, nk, dv)]
+}
+
+/// The gradient of a fused projection `[B, N, 3·H·Dh]` that [`forward_packed`] read: one
+/// contiguous tensor whose three thirds are `dQ`, `dK`, `dV`, written by the head tasks in place.
+fn backward_packed(qkv: &FlexTensor, heads: usize, probs: &[f32], grad: &FlexTensor, scale: f32) -> FlexTensor {
+    let [q, k, v] = [0, 1, 2].map(|part| View::packed(qkv, heads, part));
+    let [b, _, n, dh] = q.dims;
+    let width = 3 * heads * dh;
+    let mut out = vec![0f32; b * n * width];
+    let ptr = SendPtr(out.as_mut_ptr());
+    let dests = [0, 1, 2].map(|part| Some(Dest { ptr, base: part * heads * dh, sb: n * width, sh: dh, rs: width }));
+    backward_views(&q, &k, &v, probs, &View::of(grad, "grad"), scale, dests);
+    FlexTensor::from_data(TensorData::new(out, [b, n, width]))
+}
+
+/// Where a gradient's heads go: head `(b, h)` starts at `base + b·sb + h·sh` of the buffer
+/// behind `ptr`, its rows `rs` apart (columns contiguous).
+#[derive(Clone, Copy)]
+struct Dest {
+    ptr: SendPtr,
+    base: usize,
+    sb: usize,
+    sh: usize,
+    rs: usize,
+}
+
+impl Dest {
+    fn head(&self, b: usize, h: usize) -> *mut f32 {
+        // SAFETY: the caller sized the buffer for every (b, h) head it names.
+        unsafe { self.ptr.get().add(self.base + b * self.sb + h * self.sh) }
+    }
+}
+
+/// The backward on views: each wanted gradient (`dests`: dQ, dK, dV) written head by head.
+#[allow(clippy::too_many_arguments)]
+fn backward_views(qv: &View, kv: &View, vv: &View, probs: &[f32], gv: &View, scale: f32, dests: [Option<Dest>; 3]) {
+    let (b, h, nq, nk, dh, dv) = checked_dims(qv, kv, vv);
+    assert_eq!(gv.dims, [b, h, nq, dv], "attention: output gradient shape");
+    assert_eq!(probs.len(), b * h * nq * nk, "attention: kept probabilities");
+    let [dq_dest, dk_dest, dv_dest] = dests;
+    let (want_q, want_k) = (dq_dest.is_some(), dk_dest.is_some());
     (0..b * h).into_par_iter().for_each_init(
         || vec![0f32; nq * nk],
         |ds, i| {
             let (bi, hi) = (i / h, i % h);
             let p = &probs[i * nq * nk..(i + 1) * nq * nk];
             // SAFETY (all products): the views address their heads, p and ds are Nq x Nk
-            // row-major, and head i owns its Nq·Dh, Nk·Dh and Nk·Dv slices of the outputs.
-            if want_v {
+            // row-major, and head i owns its Nq x Dh, Nk x Dh and Nk x Dv blocks of the
+            // destinations (disjoint between heads, also inside one fused buffer).
+            if let Some(d) = dv_dest {
                 // dV = Pᵀ · dO
-                unsafe { mm(nk, dv, nq, dv_ptr.get().add(i * nk * dv), 1, dv as isize, p.as_ptr(), nk as isize, 1, gv.head(bi, hi), gv.cs(), gv.rs(), 1.0) };
+                unsafe { mm(nk, dv, nq, d.head(bi, hi), 1, d.rs as isize, p.as_ptr(), nk as isize, 1, gv.head(bi, hi), gv.cs(), gv.rs(), 1.0) };
             }
             if !(want_q || want_k) {
                 return;
@@ -238,18 +350,16 @@ fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, probs: &[f32], grad:
             unsafe { mm(nq, nk, dv, ds.as_mut_ptr(), 1, nk as isize, gv.head(bi, hi), gv.cs(), gv.rs(), vv.head(bi, hi), vv.rs(), vv.cs(), 1.0) };
             // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
             softmax_grad_rows(p, ds, nk, scale);
-            if want_q {
+            if let Some(d) = dq_dest {
                 // dQ = dS · K
-                unsafe { mm(nq, dh, nk, dq_ptr.get().add(i * nq * dh), 1, dh as isize, ds.as_ptr(), 1, nk as isize, kv.head(bi, hi), kv.cs(), kv.rs(), 1.0) };
+                unsafe { mm(nq, dh, nk, d.head(bi, hi), 1, d.rs as isize, ds.as_ptr(), 1, nk as isize, kv.head(bi, hi), kv.cs(), kv.rs(), 1.0) };
             }
-            if want_k {
+            if let Some(d) = dk_dest {
                 // dK = dSᵀ · Q
-                unsafe { mm(nk, dh, nq, dk_ptr.get().add(i * nk * dh), 1, dh as isize, ds.as_ptr(), nk as isize, 1, qv.head(bi, hi), qv.cs(), qv.rs(), 1.0) };
+                unsafe { mm(nk, dh, nq, d.head(bi, hi), 1, d.rs as isize, ds.as_ptr(), nk as isize, 1, qv.head(bi, hi), qv.cs(), qv.rs(), 1.0) };
             }
         },
     );
-    let wrap = |on: bool, data: Vec<f32>, n: usize, d: usize| on.then(|| FlexTensor::from_data(TensorData::new(data, [b, h, n, d])));
-    [wrap(want_q, dq, nq, dh), wrap(want_k, dk, nk, dh), wrap(want_v, dvv, nk, dv)]
 }
 
 /// Row-wise softmax in place over rows of `n`: `e^{x − max} / Σ`.
@@ -292,6 +402,11 @@ fn softmax_grad_rows(p: &[f32], ds: &mut [f32], n: usize, scale: f32) {
 /// Attention through the extension (Flex devices, with or without autodiff): `[B, H, Nq, Dv]`.
 pub(crate) fn attention_flex(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f32) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as FastAttention>::fast_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), scale))
+}
+
+/// Self-attention of a fused projection `[B, N, 3·H·Dh]` through the extension: `[B, H, N, Dh]`.
+pub(crate) fn attention_packed_flex(qkv: Tensor<3>, heads: usize, scale: f32) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FastAttention>::fast_attention_packed(qkv.into_dispatch(), heads, scale))
 }
 
 #[cfg(test)]
@@ -377,6 +492,69 @@ mod tests {
         let t = |nq: usize| Tensor::<4>::random([1, 2, nq, 4], Distribution::Default, &Device::flex());
         assert!(crate::ops::flex_attention(t(16), t(9), t(9)).is_ok());
         assert!(crate::ops::flex_attention(t(15), t(9), t(9)).is_err());
+    }
+
+    /// Self-attention of a fused projection read in place, against the three parts split apart
+    /// (ndarray: Burn's composed ops): value, and the gradient of the fused tensor.
+    fn run_packed(device: &Device, qkv: &TensorData, w: &TensorData, strategy: Option<GradientCheckpointingStrategy>, packed: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+        let (heads, d) = (3, 24);
+        let mut wide = Tensor::<3>::from_data(qkv.clone(), device);
+        if let Some(s) = strategy {
+            wide = wide.with_gradient_checkpointing_strategy(s);
+        }
+        let wide = if device.is_autodiff() { wide.require_grad() } else { wide };
+        // A strided fused output: rows 80 apart (a narrowed wider tensor), 72 columns used.
+        let qkv = wide.clone().narrow(2, 5, 3 * d);
+        let o = if packed {
+            let (o, _) = crate::ops::flex_attention_packed(qkv, heads).map_err(|_| "the packed route applies").unwrap();
+            crate::vit::merge_heads(o)
+        } else {
+            let part = |i: usize| split_heads(qkv.clone().narrow(2, i * d, d), heads);
+            Attention::attend(part(0), part(1), part(2))
+        };
+        let out: Vec<f32> = o.clone().into_data().try_to_vec().unwrap();
+        if !device.is_autodiff() {
+            return (out, None);
+        }
+        let mut w = Tensor::<3>::from_data(w.clone(), device);
+        if let Some(s) = strategy {
+            w = w.with_gradient_checkpointing_strategy(s);
+        }
+        let grads = (o * w).sum().backward();
+        (out, Some(wide.grad(&grads).expect("tracked").into_data().try_to_vec::<f32>().unwrap()))
+    }
+
+    #[test]
+    #[allow(deprecated)] // Device::ndarray: the composed reference path
+    fn packed_attention_matches_the_split_parts_in_value_and_gradient() {
+        let d = Device::flex();
+        let qkv = Tensor::<3>::random([2, 17, 80], Distribution::Normal(0.0, 1.5), &d).into_data();
+        let w = Tensor::<3>::random([2, 17, 24], Distribution::Normal(0.0, 1.0), &d).into_data();
+        let (v_ref, g_ref) = run_packed(&Device::ndarray().autodiff(), &qkv, &w, None, false);
+        let g_ref = g_ref.unwrap();
+        // Columns 0..5 and 77..80 of the wide tensor are not read: their gradient is zero.
+        for (i, g) in g_ref.iter().enumerate() {
+            if i % 80 < 5 || i % 80 >= 77 {
+                assert_eq!(*g, 0.0);
+            }
+        }
+        for strategy in [None, Some(GradientCheckpointingStrategy::Balanced)] {
+            let (v, g) = run_packed(&Device::flex().autodiff(), &qkv, &w, strategy, true);
+            close(&v, &v_ref, "packed value");
+            close(&g.unwrap(), &g_ref, &format!("packed gradient ({strategy:?})"));
+        }
+        let (v_plain, _) = run_packed(&Device::flex(), &qkv, &w, None, true);
+        close(&v_plain, &v_ref, "packed value without autodiff");
+        // Same bits on a second run (each head owns its task and its blocks of the gradient).
+        let a = run_packed(&Device::flex().autodiff(), &qkv, &w, None, true);
+        let b = run_packed(&Device::flex().autodiff(), &qkv, &w, None, true);
+        assert_eq!(a, b);
+        // The route: 16 tokens and more, a width of 3 x heads; otherwise the tensor comes back.
+        let t = |n: usize, width: usize| Tensor::<3>::random([1, n, width], Distribution::Default, &Device::flex());
+        assert!(crate::ops::flex_attention_packed(t(16, 24), 2).is_ok());
+        assert!(crate::ops::flex_attention_packed(t(15, 24), 2).is_err());
+        assert!(crate::ops::flex_attention_packed(t(16, 25), 2).is_err());
+        assert!(crate::ops::flex_attention_packed(Tensor::<3>::random([1, 16, 24], Distribution::Default, &Device::ndarray()), 2).is_err());
     }
 
     #[test]

@@ -98,6 +98,38 @@ impl LoraQkv {
         }
     }
 
+    /// The fused projection's output `qkv: [B, N, 3·D]` of tokens `a` with every adapted
+    /// third's update added at once: `qkv + (a·[A_t ...])·B̂`, where `B̂: [r·T, 3·D]` holds
+    /// `(α/r)·B_t` in third t's columns and zeros elsewhere (T adapted thirds). The same sum as
+    /// [`LoraQkv::apply`] per third, as two products and one add on the fused tensor, so
+    /// attention can read the heads where they are (and hand back one gradient for them).
+    pub fn apply_fused(&self, a: Tensor<3>, qkv: Tensor<3>) -> Tensor<3> {
+        let pairs: Vec<(usize, &LoraPair)> = (0..3).filter_map(|t| self.pair(t).map(|p| (t, p))).collect();
+        if pairs.is_empty() {
+            return qkv;
+        }
+        let d = qkv.dims()[2] / 3;
+        let down = Tensor::cat(pairs.iter().map(|(_, p)| p.a.val()).collect(), 1);
+        let up = Tensor::cat(
+            pairs
+                .iter()
+                .map(|(t, p)| {
+                    let b = p.b.val().mul_scalar(self.scale);
+                    let [r, _] = b.dims();
+                    let device = b.device();
+                    let zeros = |n: usize| Tensor::<2>::zeros([r, n], &device);
+                    match t {
+                        0 => Tensor::cat(vec![b, zeros(2 * d)], 1),
+                        1 => Tensor::cat(vec![zeros(d), b, zeros(d)], 1),
+                        _ => Tensor::cat(vec![zeros(2 * d), b], 1),
+                    }
+                })
+                .collect(),
+            0,
+        );
+        qkv + crate::ops::linear(crate::ops::linear(a, down, None), up, None)
+    }
+
     /// `qkv` with `(α/r)·A_t·B_t` added to the columns of each adapted third: the same outputs
     /// as the unmerged model, as one plain `Linear` for inference.
     pub fn merge_into(&self, qkv: Linear) -> Linear {

@@ -65,25 +65,51 @@ impl Attention {
         }
     }
 
+    /// The fused projection of tokens `a` with the tuners that act on it (LoRA's low-rank
+    /// update of its thirds, then SSF's scale-shift over its whole width): `[B, N, 3·D]`.
+    fn fused(&self, a: Tensor<3>) -> Tensor<3> {
+        let qkv = crate::ops::apply(&self.qkv, a.clone());
+        let qkv = match &self.lora {
+            Some(l) => l.apply_fused(a, qkv),
+            None => qkv,
+        };
+        ssf::maybe(&self.ssf_qkv, qkv)
+    }
+
     /// q, k, v of the (already normalised) tokens `a: [B, N, D]`, each `[B, H, N, Dh]`.
     pub fn qkv(&self, a: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let d = self.width();
-        let qkv = crate::ops::apply(&self.qkv, a.clone());
-        if self.lora.is_none() && self.ssf_qkv.is_none() {
-            // timm's split: [B, N, 3·D] -> [B, N, 3, H, Dh] -> [3, B, H, N, Dh] (views), then one
-            // copy per part into a contiguous [B, H, N, Dh] (instead of a copy into [B, N, H, Dh]
-            // and another when the attention kernel wants it contiguous).
-            let [b, n, _] = qkv.dims();
-            let h = self.num_heads;
-            let parts = qkv.reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
-            let part = |i: usize| parts.clone().narrow(0, i, 1).reshape([b, h, n, d / h]);
-            return (part(0), part(1), part(2));
-        }
-        let q = self.tune_part(0, &a, qkv.clone().narrow(2, 0, d));
-        let k = self.tune_part(1, &a, qkv.clone().narrow(2, d, d));
-        let v = self.tune_part(2, &a, qkv.narrow(2, 2 * d, d));
+        self.split(self.fused(a))
+    }
+
+    /// timm's split of a fused output `[B, N, 3·D]`: `[B, N, 3, H, Dh]` -> `[3, B, H, N, Dh]`
+    /// (views), then one copy per part into a contiguous `[B, H, N, Dh]`.
+    fn split(&self, qkv: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [b, n, width] = qkv.dims();
         let h = self.num_heads;
-        (split_heads(q, h), split_heads(k, h), split_heads(v, h))
+        let parts = qkv.reshape([b, n, 3, h, width / (3 * h)]).permute([2, 0, 3, 1, 4]);
+        let part = |i: usize| parts.clone().narrow(0, i, 1).reshape([b, h, n, width / (3 * h)]);
+        (part(0), part(1), part(2))
+    }
+
+    /// The attention output (heads merged, before the output projection) of a fused
+    /// projection `qkv: [B, N, 3·D]` (tuners applied), and its keys and values when `keep_kv`. On Flex in f32
+    /// the attention reads the heads of `qkv` in place ([`crate::ops::flex_attention_packed`]):
+    /// nothing is copied apart for it, and under autodiff its backward returns one gradient
+    /// for the fused output. Kept keys and values are copies (the query third is not held).
+    fn attend_fused(&self, qkv: Tensor<3>, keep_kv: bool) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
+        let h = self.num_heads;
+        let kv = |qkv: Tensor<3>| {
+            let (_, k, v) = self.split(qkv);
+            (k, v)
+        };
+        match crate::ops::flex_attention_packed(qkv, h) {
+            Ok((o, qkv)) => (merge_heads(o), keep_kv.then(|| kv(qkv))),
+            Err(qkv) => {
+                let (q, k, v) = self.split(qkv);
+                let o = Self::attend(q, k.clone(), v.clone());
+                (o, keep_kv.then_some((k, v)))
+            }
+        }
     }
 
     /// Only the query third of the fused projection (for query tokens that are not keys).
@@ -130,9 +156,14 @@ impl Attention {
 
     /// Self-attention of `a: [B, N, D]`, also returning its keys and values.
     pub fn forward_kv(&self, a: Tensor<3>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
-        let (q, k, v) = self.qkv(a);
-        let o = Self::attend(q, k.clone(), v.clone());
+        let (o, kv) = self.attend_fused(self.fused(a), true);
+        let (k, v) = kv.expect("kept when asked");
         (self.project_out(o), k, v)
+    }
+
+    /// Self-attention of `a: [B, N, D]` (its keys and values not needed afterwards).
+    pub fn forward(&self, a: Tensor<3>) -> Tensor<3> {
+        self.project_out(self.attend_fused(self.fused(a), false).0)
     }
 
     /// Queries `q_tokens: [B, Q, D]` (already normalised) attending to given keys/values,

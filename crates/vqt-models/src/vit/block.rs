@@ -79,7 +79,8 @@ fn scale(ls: &Option<LayerScale>, x: Tensor<3>) -> Tensor<3> {
 impl Block {
     /// The block applied to the residual stream `z: [B, N, D]`.
     pub fn forward(&self, z: Tensor<3>) -> Tensor<3> {
-        self.forward_kv(z).0
+        let z = z.clone() + self.attn_out(self.attn.forward(self.norm1_out(z)));
+        z.clone() + self.mlp_branch(z)
     }
 
     /// `LN1(z)` (plus its SSF, if tuned): the input of the attention projections.

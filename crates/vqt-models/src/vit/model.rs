@@ -44,7 +44,8 @@ pub struct VitTrace {
 /// input (`[B, H, N, Dh]` each) and the final normalised class token `[B, D]`.
 #[derive(Debug, Clone)]
 pub struct TrunkKv {
-    /// `(K_m, V_m)` for m = 0..L-1.
+    /// `(K_m, V_m)` for m = 0..L-1; empty from a pass that was told not to keep them
+    /// ([`Vit::trunk_pass`] with `keep_kv = false`, for a method that reads the class token only).
     pub kv: Vec<(Tensor<4>, Tensor<4>)>,
     /// `LN_final(Z_L)[:, 0]`.
     pub cls: Tensor<2>,
@@ -228,12 +229,16 @@ impl Vit {
     /// drop-path on each block's two residual branches). Identical to `forward_kv` when
     /// `noise.is_off()`.
     pub fn forward_kv_noisy(&self, images: Tensor<4>, noise: TrunkNoise) -> TrunkKv {
-        if noise.is_off() {
+        self.noisy_pass(images, noise, true)
+    }
+
+    fn noisy_pass(&self, images: Tensor<4>, noise: TrunkNoise, keep_kv: bool) -> TrunkKv {
+        if noise.is_off() && keep_kv {
             return self.forward_kv(images);
         }
         let mut kv = Vec::with_capacity(self.blocks.len());
-        let z = self.embed_noisy(images, &noise);
-        let z = self.kv_blocks(z, 0..self.blocks.len(), self.blocks.len(), &noise, &mut kv);
+        let z = if noise.is_off() { self.embed(images) } else { self.embed_noisy(images, &noise) };
+        let z = self.kv_blocks(z, 0..self.blocks.len(), self.blocks.len(), &noise, keep_kv.then_some(&mut kv));
         TrunkKv { kv, cls: self.pool(z) }
     }
 
@@ -245,10 +250,18 @@ impl Vit {
     /// are plain tensors (constants for the query side). `prefix = 0`: the whole pass on the
     /// tape.
     pub fn forward_kv_split(&self, images: Tensor<4>, noise: TrunkNoise, prefix: usize) -> TrunkKv {
+        self.trunk_pass(images, noise, prefix, true)
+    }
+
+    /// [`Vit::forward_kv_split`], keeping each layer's keys and values only when `keep_kv`
+    /// (otherwise [`TrunkKv::kv`] is empty): a method that reads the class token alone (the
+    /// linear head) leaves them out, so no block copies them out of its fused projection and
+    /// none is held until the loss.
+    pub fn trunk_pass(&self, images: Tensor<4>, noise: TrunkNoise, prefix: usize, keep_kv: bool) -> TrunkKv {
         let depth = self.blocks.len();
         let prefix = prefix.min(depth);
         if prefix == 0 || !self.cls_token.device().is_autodiff() {
-            return self.forward_kv_noisy(images, noise);
+            return self.noisy_pass(images, noise, keep_kv);
         }
         // Only what the prefix reads, without autodiff (cheap: the parameters are shared).
         let head = Vit {
@@ -265,10 +278,10 @@ impl Vit {
         .valid();
         let mut kv = Vec::with_capacity(depth);
         let z = head.embed_noisy(images.without_autodiff(), &noise);
-        let z = head.kv_blocks(z, 0..prefix, depth, &noise, &mut kv);
+        let z = head.kv_blocks(z, 0..prefix, depth, &noise, keep_kv.then_some(&mut kv));
         // Back onto the tape for the tuned blocks (a model in eval, already plain, stays plain).
         let z = if self.cls_token.device().is_autodiff() { z.autodiff() } else { z };
-        let z = self.kv_blocks(z, prefix..depth, depth, &noise, &mut kv);
+        let z = self.kv_blocks(z, prefix..depth, depth, &noise, keep_kv.then_some(&mut kv));
         TrunkKv { kv, cls: self.pool(z) }
     }
 
@@ -281,21 +294,33 @@ impl Vit {
 
     /// Blocks `range` (the prefix backbone of [`Vit::forward_kv_split`] holds only its blocks),
     /// pushing each block's K/V; the drop-path rate of block m is `drop_path · m / (L − 1)`
-    /// with L = `full_depth`.
-    fn kv_blocks(&self, z: Tensor<3>, range: std::ops::Range<usize>, full_depth: usize, noise: &TrunkNoise, kv: &mut Vec<(Tensor<4>, Tensor<4>)>) -> Tensor<3> {
+    /// with L = `full_depth`. Without `kv` the keys and values are neither kept nor copied.
+    fn kv_blocks(&self, z: Tensor<3>, range: std::ops::Range<usize>, full_depth: usize, noise: &TrunkNoise, mut kv: Option<&mut Vec<(Tensor<4>, Tensor<4>)>>) -> Tensor<3> {
         range.fold(z, |z, m| {
             let blk = &self.blocks[m];
             let z = self.before_block(m, z);
             if noise.is_off() {
-                let (next, k, v) = blk.forward_kv(z);
-                kv.push((k, v));
-                return next;
+                return match kv.as_deref_mut() {
+                    Some(kv) => {
+                        let (next, k, v) = blk.forward_kv(z);
+                        kv.push((k, v));
+                        next
+                    }
+                    None => blk.forward(z),
+                };
             }
             let [b, _, _] = z.dims();
             let rate = if full_depth > 1 { noise.drop_path * m as f64 / (full_depth - 1) as f64 } else { 0.0 };
-            let (o, k, v) = blk.attn.forward_kv(blk.norm1_out(z.clone()));
+            let a = blk.norm1_out(z.clone());
+            let o = match kv.as_deref_mut() {
+                Some(kv) => {
+                    let (o, k, v) = blk.attn.forward_kv(a);
+                    kv.push((k, v));
+                    o
+                }
+                None => blk.attn.forward(a),
+            };
             let z = z + random_keep(blk.attn_out(o), rate, [b, 1, 1]);
-            kv.push((k, v));
             z.clone() + random_keep(blk.mlp_branch(z), rate, [b, 1, 1])
         })
     }
