@@ -116,3 +116,66 @@ mod tests {
         assert!(matches!(e, LimitedError::TimedOut { .. }) && msg.contains("started"), "{msg}");
     }
 }
+
+/// What wgpu-hal's OpenGL backend (wgpu 30) panics with when it waited more than 6 s for its
+/// context lock (`CONTEXT_LOCK_TIMEOUT_SECS` in `wgpu-hal/src/gles/egl.rs`).
+pub const GL_CONTEXT_LOCK_PANIC: &str = "Could not lock adapter context";
+
+/// The exit code of a process that [`exit_on_runtime_deadlock`] ended.
+pub const RUNTIME_DEADLOCK_EXIT: i32 = 3;
+
+/// Installs a panic hook that ends the process, with a one-line error and exit code
+/// [`RUNTIME_DEADLOCK_EXIT`], on a panic that would otherwise leave it waiting forever; other
+/// panics go to the previous hook as before.
+///
+/// The case: on Mesa llvmpipe under CPU load (a build, a second GPU process), one OpenGL call
+/// (a kernel compile, a fence wait) can hold wgpu's GL context lock for more than the 6 s that
+/// wgpu-hal allows. The thread that then times out panics; when that is the runtime's device
+/// poll thread (cubecl-wgpu's `WgpuPoll`), nothing wakes the thread waiting for the device
+/// anymore and the process hangs (observed: `parity_wgpu` and the wgpu training test stuck for
+/// 15 minutes at 0.1 core, the poll thread's backtrace ending in `egl.rs` `lock`).
+pub fn exit_on_runtime_deadlock() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload.downcast_ref::<&str>().copied().or_else(|| payload.downcast_ref::<String>().map(String::as_str)).unwrap_or("");
+        if msg.contains(GL_CONTEXT_LOCK_PANIC) {
+            let thread = std::thread::current();
+            eprintln!(
+                "error: wgpu's OpenGL backend waited more than 6 s for its context lock (thread {}), which happens on a software OpenGL driver (Mesa llvmpipe) when the CPU is busy; the device cannot be used any more, so the run stops here (rerun with less else running)",
+                thread.name().unwrap_or("unnamed")
+            );
+            std::process::exit(RUNTIME_DEADLOCK_EXIT);
+        }
+        previous(info);
+    }));
+}
+
+#[cfg(test)]
+mod deadlock_tests {
+    /// Run in a child process (by the test below): the hook, then the panic on a helper thread
+    /// while the main thread waits for it forever, as a device wait would.
+    #[test]
+    #[ignore = "run as a child by gl_lock_panic_on_a_helper_thread_ends_the_process"]
+    fn child_that_hangs_after_a_gl_lock_panic() {
+        if std::env::var_os("VQT_PROCESS_TEST_CHILD").is_none() {
+            return;
+        }
+        super::exit_on_runtime_deadlock();
+        std::thread::spawn(|| panic!("{}. This is most-likely a deadlock.", super::GL_CONTEXT_LOCK_PANIC));
+        loop {
+            std::thread::park();
+        }
+    }
+
+    #[test]
+    fn gl_lock_panic_on_a_helper_thread_ends_the_process() {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["--exact", "process::deadlock_tests::child_that_hangs_after_a_gl_lock_panic", "--ignored", "--nocapture"]).env("VQT_PROCESS_TEST_CHILD", "1");
+        let out = super::output_within(&mut cmd, std::time::Duration::from_secs(60)).expect("the child ends by itself, not by the limit");
+        assert_eq!(out.status.code(), Some(super::RUNTIME_DEADLOCK_EXIT), "{}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("error: wgpu's OpenGL backend waited more than 6 s"), "{stderr}");
+    }
+}

@@ -236,6 +236,7 @@ impl SlurmArgs {
 
 fn main() {
     vqt_core::mem::tune_allocator();
+    vqt_core::process::exit_on_runtime_deadlock();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(2);
