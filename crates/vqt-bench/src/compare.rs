@@ -50,6 +50,49 @@ pub struct CompareRow {
     pub ours: StepReport,
     /// PyTorch's, if the method has a counterpart.
     pub torch: Option<TorchReport>,
+    /// With several rounds (`compare --rounds N`): the step-time ratio ours / PyTorch of each
+    /// round, in order (the row's figures are the medians over the rounds).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub round_time_ratios: Vec<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+}
+
+fn median_opt(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Option<Vec<f64>> = v.collect();
+    v.filter(|v| !v.is_empty()).map(median)
+}
+
+/// One row from the same method's measurements in several rounds: each figure (step time,
+/// images/s, memory, ours and PyTorch's alike) is the median over the rounds, the ratios are
+/// taken between those medians, and every round's time ratio is kept. Panics on no rounds.
+pub fn merge_rounds(rounds: &[CompareRow]) -> CompareRow {
+    let first = rounds.first().expect("at least one round").clone();
+    if rounds.len() == 1 {
+        return first;
+    }
+    let mut ours = first.ours.clone();
+    ours.step_ms_median = median(rounds.iter().map(|r| r.ours.step_ms_median).collect());
+    ours.train_images_per_s = ours.batch as f64 * 1000.0 / ours.step_ms_median;
+    ours.infer_ms_median = median_opt(rounds.iter().map(|r| r.ours.infer_ms_median));
+    ours.infer_images_per_s = median_opt(rounds.iter().map(|r| r.ours.infer_images_per_s));
+    ours.rss_train_bytes = median_opt(rounds.iter().map(|r| r.ours.rss_train_bytes.map(|b| b as f64))).map(|b| b.round() as u64);
+    let torch = first.torch.as_ref().map(|t0| {
+        let ts: Vec<&TorchReport> = rounds.iter().filter_map(|r| r.torch.as_ref()).collect();
+        let mut t = t0.clone();
+        t.step_ms_median = median(ts.iter().map(|t| t.step_ms_median).collect());
+        t.train_images_per_s = median(ts.iter().map(|t| t.train_images_per_s).collect());
+        t.infer_ms_median = median_opt(ts.iter().map(|t| t.infer_ms_median));
+        t.infer_images_per_s = median_opt(ts.iter().map(|t| t.infer_images_per_s));
+        t.rss_train_bytes = median(ts.iter().map(|t| t.rss_train_bytes as f64).collect()).round() as u64;
+        t
+    });
+    let round_time_ratios = rounds.iter().filter_map(|r| r.time_ratio()).collect();
+    CompareRow { ours, torch, round_time_ratios }
 }
 
 impl CompareRow {
@@ -159,6 +202,23 @@ pub fn markdown(rows: &[CompareRow], cpu: &str) -> String {
             t.map(|t| t.trainable_params.to_string()).unwrap_or_else(|| "–".into())
         );
     }
+    let spread: Vec<String> = rows
+        .iter()
+        .filter(|r| r.round_time_ratios.len() > 1)
+        .map(|r| {
+            let t = r.torch.as_ref().map(|t| t.method.as_str()).unwrap_or("–");
+            let each: Vec<String> = r.round_time_ratios.iter().map(|x| format!("{x:.2}")).collect();
+            format!("{} / {}: {}", r.ours.method, t, each.join(", "))
+        })
+        .collect();
+    if !spread.is_empty() {
+        s += &format!(
+            "\nEach figure is the median over {} rounds (every round measures each method, ours then PyTorch's, in its own processes); \
+             the step-time ratio of each round, in order: {}.\n",
+            rows.iter().map(|r| r.round_time_ratios.len()).max().unwrap_or(0),
+            spread.join("; ")
+        );
+    }
     let ts = targets(rows);
     if !ts.is_empty() {
         s += &format!("\nTargets ({} of {} met):\n\n| ratio | measured | target | met |\n|---|---:|---:|---|\n", ts.iter().filter(|t| t.met).count(), ts.len());
@@ -201,10 +261,10 @@ mod tests {
     #[test]
     fn ratios_and_targets_are_reported_honestly() {
         let rows = vec![
-            CompareRow { ours: ours("vqt", 40.0, 100 << 20), torch: Some(torch("vqt-official", 100.0, 200 << 20)) },
-            CompareRow { ours: ours("vqt", 40.0, 100 << 20), torch: Some(torch("vqt-trunk", 50.0, 100 << 20)) },
-            CompareRow { ours: ours("full-ft", 130.0, 1 << 30), torch: Some(torch("full-ft", 100.0, 1 << 30)) },
-            CompareRow { ours: ours("synqt", 10.0, 1 << 20), torch: None },
+            CompareRow { ours: ours("vqt", 40.0, 100 << 20), torch: Some(torch("vqt-official", 100.0, 200 << 20)), round_time_ratios: Vec::new() },
+            CompareRow { ours: ours("vqt", 40.0, 100 << 20), torch: Some(torch("vqt-trunk", 50.0, 100 << 20)), round_time_ratios: Vec::new() },
+            CompareRow { ours: ours("full-ft", 130.0, 1 << 30), torch: Some(torch("full-ft", 100.0, 1 << 30)), round_time_ratios: Vec::new() },
+            CompareRow { ours: ours("synqt", 10.0, 1 << 20), torch: None, round_time_ratios: Vec::new() },
         ];
         assert_eq!(rows[0].time_ratio(), Some(0.4));
         assert_eq!(rows[0].memory_ratio(), Some(0.5));
@@ -226,5 +286,25 @@ mod tests {
         assert_eq!(torch_counterparts(Preset::Synqt, true), ["synqt"]);
         assert_eq!(torch_counterparts(Preset::VptDeep, false), ["vpt-deep"]);
         assert!(torch_counterparts(Preset::VqtCached, true).is_empty());
+    }
+
+    #[test]
+    fn rounds_merge_into_medians_and_keep_each_rounds_ratio() {
+        let row = |ms: f64, mem: u64, torch_ms: f64| CompareRow { ours: ours("lora", ms, mem), torch: Some(torch("lora", torch_ms, 2 << 20)), round_time_ratios: Vec::new() };
+        // An outlier round (ours 300 ms) does not move the medians: 100 ms ours, 125 ms PyTorch.
+        let merged = merge_rounds(&[row(100.0, 3 << 20, 125.0), row(300.0, 1 << 20, 100.0), row(90.0, 2 << 20, 200.0)]);
+        assert_eq!(merged.ours.step_ms_median, 100.0);
+        assert_eq!(merged.torch.as_ref().unwrap().step_ms_median, 125.0);
+        assert_eq!(merged.time_ratio(), Some(0.8));
+        assert_eq!(merged.ours.rss_train_bytes, Some(2 << 20));
+        assert_eq!(merged.ours.train_images_per_s, 320.0);
+        assert_eq!(merged.round_time_ratios, vec![0.8, 3.0, 0.45]);
+        let md = markdown(&[merged.clone()], "cpu");
+        assert!(md.contains("median over 3 rounds") && md.contains("lora / lora: 0.80, 3.00, 0.45"), "{md}");
+        // An even count takes the mean of the middle two; one round is the row itself.
+        let two = merge_rounds(&[row(100.0, 1 << 20, 100.0), row(200.0, 1 << 20, 100.0)]);
+        assert_eq!(two.ours.step_ms_median, 150.0);
+        let one = merge_rounds(&[row(100.0, 1 << 20, 100.0)]);
+        assert!(one.round_time_ratios.is_empty() && !markdown(&[one], "cpu").contains("rounds"));
     }
 }

@@ -86,6 +86,11 @@ enum Command {
         /// compared with the official code; without it, synqt has no PyTorch row.
         #[arg(long)]
         synqt_py: Option<PathBuf>,
+        /// Rounds: every round measures each method (ours, then PyTorch's), and the report
+        /// gives the median of each figure over the rounds and every round's time ratio (this
+        /// VM's step times swing by 10-20% between runs; one round can mislead).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        rounds: u32,
         #[command(flatten)]
         shape: Shape,
         /// Output path prefix.
@@ -450,7 +455,7 @@ fn run() -> Result<()> {
             print!("{md}");
             Ok(())
         }
-        Command::Compare { methods, python, script, synqt_py, shape, out } => {
+        Command::Compare { methods, python, script, synqt_py, rounds, shape, out } => {
             shape.options()?;
             let backend: BackendKind = shape.backend.parse()?;
             anyhow::ensure!(matches!(backend, BackendKind::Cpu | BackendKind::Ndarray), "compare measures CPU memory and time against PyTorch on the CPU: use --backend cpu or ndarray");
@@ -459,13 +464,16 @@ fn run() -> Result<()> {
                 anyhow::ensure!(p.is_file(), "{}: the official SynQT source is missing (--synqt-py)", p.display());
             }
             let threads = rayon_threads();
+            let methods = method_list(&methods)?;
+            let mut by_round: Vec<Vec<vqt_bench::compare::CompareRow>> = Vec::new();
+            for round in 1..=rounds {
             let mut rows = Vec::new();
-            for method in method_list(&methods)? {
-                eprintln!("measuring {method} (vqt-rs) ...");
-                let ours = step_in_child(&method, &shape)?;
+            for method in &methods {
+                eprintln!("round {round}/{rounds}: measuring {method} (vqt-rs) ...");
+                let ours = step_in_child(method, &shape)?;
                 let counterparts = if method.layers.is_some() { Vec::new() } else { vqt_bench::compare::torch_counterparts(method.preset, synqt_py.is_some()) };
                 if counterparts.is_empty() {
-                    rows.push(vqt_bench::compare::CompareRow { ours, torch: None });
+                    rows.push(vqt_bench::compare::CompareRow { ours, torch: None, round_time_ratios: Vec::new() });
                     continue;
                 }
                 for t in counterparts {
@@ -479,9 +487,13 @@ fn run() -> Result<()> {
                     .into();
                     args.extend(synqt_py.iter().flat_map(|p| [std::ffi::OsString::from("--synqt-py"), p.clone().into_os_string()]));
                     let torch: vqt_bench::compare::TorchReport = run_reference(&python, &script, &args, &format!("--method {t}"))?;
-                    rows.push(vqt_bench::compare::CompareRow { ours: ours.clone(), torch: Some(torch) });
+                    rows.push(vqt_bench::compare::CompareRow { ours: ours.clone(), torch: Some(torch), round_time_ratios: Vec::new() });
                 }
             }
+            by_round.push(rows);
+            }
+            let rows: Vec<vqt_bench::compare::CompareRow> =
+                (0..by_round[0].len()).map(|i| vqt_bench::compare::merge_rounds(&by_round.iter().map(|r| r[i].clone()).collect::<Vec<_>>())).collect();
             let cpu = vqt_bench::kernels::cpu_description();
             let md = vqt_bench::compare::markdown(&rows, &cpu);
             let targets = vqt_bench::compare::targets(&rows);
