@@ -36,12 +36,18 @@ pub struct StepReport {
     pub step_ms_median: f64,
     /// Training images per second at the median step time.
     pub train_images_per_s: f64,
-    /// Resident memory after the model was built and the data generated (bytes, CPU backends).
+    /// Resident memory after the model was built, the data generated and (for `vqt-cached`) the
+    /// cache built, with freed heap memory returned first (bytes, CPU backends).
     pub rss_baseline_bytes: Option<u64>,
-    /// Process peak resident memory at the end (VmHWM, bytes, CPU backends).
+    /// Peak resident memory of the training steps (VmHWM, reset at the baseline; bytes).
     pub rss_peak_bytes: Option<u64>,
     /// Peak minus baseline: what training added (bytes).
     pub rss_train_bytes: Option<u64>,
+    /// Whether the peak was measured from the baseline on (`vqt_core::mem::start_peak_measurement`);
+    /// `false` where the kernel refused to reset it, and the peak then covers the whole process
+    /// (the cache build's too). Absent in reports written before this field.
+    #[serde(default)]
+    pub rss_peak_reset: Option<bool>,
     /// Device memory pool: max bytes in use sampled after forward and backward (GPU backends).
     pub device_peak_bytes: Option<u64>,
     /// For `vqt-cached`: time to build the cache for `batch·steps` images, i.e. one trunk
@@ -174,13 +180,14 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
         }
     };
     let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(1e-2).init();
-    let (trainable, total, baseline, cache_build_ms, cache_ratio, cache_bytes, peak, infer_ms);
+    let (trainable, total, baseline, cache_build_ms, cache_ratio, cache_bytes, peak, infer_ms, peak_reset);
     let cache_images = method.cached().then_some(b * images.len());
     if method == Preset::FullFt && method_on.layers.is_none() {
         let mut vit = o.vit.clone().with_num_classes(c).init(&ad);
         trainable = vit.num_params();
         total = trainable;
         materialize(&vit);
+        peak_reset = vqt_core::mem::start_peak_measurement();
         baseline = proc_status_bytes("VmRSS");
         for (i, x) in images.iter().enumerate() {
             let t0 = Instant::now();
@@ -221,6 +228,7 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
         } else {
             None
         };
+        peak_reset = vqt_core::mem::start_peak_measurement();
         baseline = proc_status_bytes("VmRSS");
         for (i, x) in images.iter().enumerate() {
             let t0 = Instant::now();
@@ -266,6 +274,7 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
             (Some(p), Some(b)) => Some(p.saturating_sub(b)),
             _ => None,
         },
+        rss_peak_reset: Some(peak_reset),
         device_peak_bytes: device_peak,
         cache_build_ms,
         cache_100_epochs_over_inference: cache_ratio,
@@ -310,7 +319,11 @@ pub fn markdown(reports: &[StepReport]) -> String {
             r.img_size,
             r.batch,
             r.backend,
-            if r.device_peak_bytes.is_some() { "device pool peak" } else { "process peak RSS (VmHWM) minus RSS after model build" },
+            if r.device_peak_bytes.is_some() { "device pool peak" } else { if r.rss_peak_reset == Some(true) {
+                "peak RSS of the training steps (VmHWM reset after the model build, and the cache build where cached, with freed heap memory returned) minus the RSS then"
+            } else {
+                "process peak RSS (VmHWM) minus RSS after model build"
+            } },
             if r.allocator.is_empty() { "not recorded" } else { &r.allocator }
         );
     }

@@ -58,3 +58,39 @@ fn large_freed_blocks_are_reused_without_page_faults() {
     assert!(default_faults > 10_000, "default settings: {default_faults} faults");
     assert!(tuned_faults < 1_000, "tuned: {tuned_faults} faults (default: {default_faults})");
 }
+
+/// Not a check of its own: the child-process half of the test below (glibc's default
+/// allocator: a 48 MiB block is mapped, filled and unmapped, so the peak mark stays above the
+/// resident memory; then a fresh peak measurement).
+#[test]
+#[ignore = "run in a child process by a_fresh_peak_measurement_starts_from_the_live_memory"]
+fn child_reports_peak_reset() {
+    vqt_core::mem::tune_allocator();
+    let rss = || vqt_core::mem::proc_status_bytes("VmRSS").unwrap() >> 20;
+    let hwm = || vqt_core::mem::proc_status_bytes("VmHWM").unwrap() >> 20;
+    let v = vec![1u8; 48 << 20];
+    std::hint::black_box(&v);
+    drop(v);
+    let (rss_freed, hwm_freed) = (rss(), hwm());
+    let reset = vqt_core::mem::start_peak_measurement();
+    println!("PEAK reset={reset} rss_freed={rss_freed} hwm_freed={hwm_freed} rss_after={} hwm_after={}", rss(), hwm());
+}
+
+#[test]
+fn a_fresh_peak_measurement_starts_from_the_live_memory() {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_reports_peak_reset", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(vqt_core::mem::MALLOC_ENV, "default")
+        .output()
+        .unwrap();
+    let out = String::from_utf8(out.stdout).unwrap();
+    let line = out.lines().find_map(|l| l.split_once("PEAK ").map(|(_, r)| r)).unwrap_or_else(|| panic!("no report in {out}"));
+    let field = |k: &str| line.split_whitespace().find_map(|f| f.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("{k} in {line}"));
+    let n = |k: &str| field(k).parse::<u64>().unwrap();
+    assert_eq!(field("reset"), "true", "{line}");
+    // The freed block is gone from the resident memory but not from the peak mark, until the
+    // measurement restarts it from the live memory.
+    assert!(n("hwm_freed") >= n("rss_freed") + 40, "{line}");
+    assert!(n("hwm_after") + 40 <= n("hwm_freed"), "peak mark not reset: {line}");
+    assert!(n("hwm_after") <= n("rss_after") + 1, "{line}");
+}
