@@ -84,11 +84,16 @@ impl Attention {
     /// timm's split of a fused output `[B, N, 3·D]`: `[B, N, 3, H, Dh]` -> `[3, B, H, N, Dh]`
     /// (views), then one copy per part into a contiguous `[B, H, N, Dh]`.
     fn split(&self, qkv: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [q, k, v] = self.split_parts(qkv, [true; 3]);
+        (q.expect("asked"), k.expect("asked"), v.expect("asked"))
+    }
+
+    /// The parts of [`Attention::split`] that `want` names (q, k, v), each copied only then.
+    fn split_parts(&self, qkv: Tensor<3>, want: [bool; 3]) -> [Option<Tensor<4>>; 3] {
         let [b, n, width] = qkv.dims();
         let h = self.num_heads;
         let parts = qkv.reshape([b, n, 3, h, width / (3 * h)]).permute([2, 0, 3, 1, 4]);
-        let part = |i: usize| parts.clone().narrow(0, i, 1).reshape([b, h, n, width / (3 * h)]);
-        (part(0), part(1), part(2))
+        [0, 1, 2].map(|i| want[i].then(|| parts.clone().narrow(0, i, 1).reshape([b, h, n, width / (3 * h)])))
     }
 
     /// The attention output (heads merged, before the output projection) of a fused
@@ -99,8 +104,8 @@ impl Attention {
     fn attend_fused(&self, qkv: Tensor<3>, keep_kv: bool) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
         let h = self.num_heads;
         let kv = |qkv: Tensor<3>| {
-            let (_, k, v) = self.split(qkv);
-            (k, v)
+            let [_, k, v] = self.split_parts(qkv, [false, true, true]);
+            (k.expect("asked"), v.expect("asked"))
         };
         match crate::ops::flex_attention_packed(qkv, h) {
             Ok((o, qkv)) => (merge_heads(o), keep_kv.then(|| kv(qkv))),
