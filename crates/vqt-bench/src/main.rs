@@ -467,30 +467,30 @@ fn run() -> Result<()> {
             let methods = method_list(&methods)?;
             let mut by_round: Vec<Vec<vqt_bench::compare::CompareRow>> = Vec::new();
             for round in 1..=rounds {
-            let mut rows = Vec::new();
-            for method in &methods {
-                eprintln!("round {round}/{rounds}: measuring {method} (vqt-rs) ...");
-                let ours = step_in_child(method, &shape)?;
-                let counterparts = if method.layers.is_some() { Vec::new() } else { vqt_bench::compare::torch_counterparts(method.preset, synqt_py.is_some()) };
-                if counterparts.is_empty() {
-                    rows.push(vqt_bench::compare::CompareRow { ours, torch: None, round_time_ratios: Vec::new() });
-                    continue;
+                let mut rows = Vec::new();
+                for method in &methods {
+                    eprintln!("round {round}/{rounds}: measuring {method} (vqt-rs) ...");
+                    let ours = step_in_child(method, &shape)?;
+                    let counterparts = if method.layers.is_some() { Vec::new() } else { vqt_bench::compare::torch_counterparts(method.preset, synqt_py.is_some()) };
+                    if counterparts.is_empty() {
+                        rows.push(vqt_bench::compare::CompareRow { ours, torch: None, round_time_ratios: Vec::new() });
+                        continue;
+                    }
+                    for t in counterparts {
+                        eprintln!("measuring {t} (PyTorch) ...");
+                        let mut args: Vec<std::ffi::OsString> = [
+                            "--method", t, "--preset", &shape.preset, "--img-size", &shape.img_size.to_string(), "--batch", &shape.batch.to_string(),
+                            "--classes", &shape.classes.to_string(), "--warmup", &shape.warmup.to_string(), "--steps", &shape.steps.to_string(),
+                            "--threads", &threads.to_string(),
+                        ]
+                        .map(std::ffi::OsString::from)
+                        .into();
+                        args.extend(synqt_py.iter().flat_map(|p| [std::ffi::OsString::from("--synqt-py"), p.clone().into_os_string()]));
+                        let torch: vqt_bench::compare::TorchReport = run_reference(&python, &script, &args, &format!("--method {t}"))?;
+                        rows.push(vqt_bench::compare::CompareRow { ours: ours.clone(), torch: Some(torch), round_time_ratios: Vec::new() });
+                    }
                 }
-                for t in counterparts {
-                    eprintln!("measuring {t} (PyTorch) ...");
-                    let mut args: Vec<std::ffi::OsString> = [
-                        "--method", t, "--preset", &shape.preset, "--img-size", &shape.img_size.to_string(), "--batch", &shape.batch.to_string(),
-                        "--classes", &shape.classes.to_string(), "--warmup", &shape.warmup.to_string(), "--steps", &shape.steps.to_string(),
-                        "--threads", &threads.to_string(),
-                    ]
-                    .map(std::ffi::OsString::from)
-                    .into();
-                    args.extend(synqt_py.iter().flat_map(|p| [std::ffi::OsString::from("--synqt-py"), p.clone().into_os_string()]));
-                    let torch: vqt_bench::compare::TorchReport = run_reference(&python, &script, &args, &format!("--method {t}"))?;
-                    rows.push(vqt_bench::compare::CompareRow { ours: ours.clone(), torch: Some(torch), round_time_ratios: Vec::new() });
-                }
-            }
-            by_round.push(rows);
+                by_round.push(rows);
             }
             let rows: Vec<vqt_bench::compare::CompareRow> =
                 (0..by_round[0].len()).map(|i| vqt_bench::compare::merge_rounds(&by_round.iter().map(|r| r[i].clone()).collect::<Vec<_>>())).collect();
