@@ -261,15 +261,19 @@ def main():
     images = [torch.randn(a.batch, 3, a.img_size, a.img_size) for _ in range(a.warmup + a.steps)]
     targets = torch.arange(a.batch) % a.classes
     baseline = status_bytes("VmRSS")
-    times = []
+    times, phases = [], []
     for i, x in enumerate(images):
         t0 = time.perf_counter()
         loss = F.cross_entropy(forward(x), targets)
+        t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
+        t3 = time.perf_counter()
         if i >= a.warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((t3 - t0) * 1e3)
+            phases.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3))
     text = open("/proc/self/status").read()
     peak = next(int(l.split()[1]) * 1024 for l in text.splitlines() if l.startswith("VmHWM:"))
     step_ms = statistics.median(times)
@@ -300,6 +304,12 @@ def main():
         "rss_train_bytes": max(peak - baseline, 0),
         "infer_ms_median": infer_ms,
         "infer_images_per_s": a.batch / (infer_ms / 1e3),
+        # Medians per phase, as `vqt-bench step` reports them.
+        "phases": {
+            "forward_ms": statistics.median(p[0] for p in phases),
+            "backward_ms": statistics.median(p[1] for p in phases),
+            "optimizer_ms": statistics.median(p[2] for p in phases),
+        },
     }))
 
 

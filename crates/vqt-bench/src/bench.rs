@@ -77,6 +77,33 @@ pub struct StepReport {
     /// Inference images per second at that median.
     #[serde(default)]
     pub infer_images_per_s: Option<f64>,
+    /// Where the timed steps' time went, phase by phase (medians; absent in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Phases>,
+}
+
+/// The median time (ms) of each phase of a training step. Each phase ends at a device sync, so
+/// on an asynchronous (GPU) backend its work is counted where it ran, not where it was queued.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Phases {
+    /// The forward pass to the loss (for the cached rows, gathering the batch's keys and values
+    /// from the cache too).
+    pub forward_ms: f64,
+    /// `loss.backward()` and collecting the parameters' gradients.
+    pub backward_ms: f64,
+    /// The optimizer's update.
+    pub optimizer_ms: f64,
+}
+
+impl Phases {
+    /// The per-phase medians of `steps` (each `[forward, backward, optimizer]`); `None` for none.
+    pub fn median_of(steps: &[[f64; 3]]) -> Option<Phases> {
+        if steps.is_empty() {
+            return None;
+        }
+        let m = |k: usize| median(steps.iter().map(|s| s[k]).collect());
+        Some(Phases { forward_ms: m(0), backward_ms: m(1), optimizer_ms: m(2) })
+    }
 }
 
 fn load_avg() -> Option<f64> {
@@ -173,6 +200,7 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
     let labels: Vec<i64> = (0..b as i64).map(|i| i % c as i64).collect();
     let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [b]), &ad);
     let mut times = Vec::new();
+    let mut phases: Vec<[f64; 3]> = Vec::new();
     let mut device_peak: Option<u64> = None;
     let sample = |device_peak: &mut Option<u64>| {
         if let Some(u) = pool_bytes(&plain) {
@@ -194,12 +222,15 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
             let logits = vit.forward(x.clone().to_device(&ad));
             let loss = CrossEntropyLossConfig::new().init(&ad).forward(logits, targets.clone());
             sample(&mut device_peak);
+            let t1 = Instant::now();
             let grads = GradientsParams::from_grads(loss.backward(), &vit);
             sample(&mut device_peak);
+            let t2 = Instant::now();
             vit = optim.step(1e-4, vit, grads);
             plain.sync().map_err(|e| e.to_string())?;
             if i >= o.warmup {
                 times.push(t0.elapsed().as_secs_f64() * 1e3);
+                phases.push(phase_ms(t0, t1, t2));
             }
         }
         cache_build_ms = None;
@@ -238,13 +269,16 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
             };
             let out = model.forward_classification(TrunkBatch { input, targets: targets.clone(), rng_seed: None });
             sample(&mut device_peak);
+            let t1 = Instant::now();
             let grads = GradientsParams::from_grads(out.loss.backward(), &model);
             sample(&mut device_peak);
+            let t2 = Instant::now();
             model = optim.step(1e-3, model, grads);
             plain.sync().map_err(|e| e.to_string())?;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             if i >= o.warmup {
                 times.push(ms);
+                phases.push(phase_ms(t0, t1, t2));
             }
         }
         cache_build_ms = cache.as_ref().map(|(_, ms)| *ms);
@@ -286,7 +320,15 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
         allocator: vqt_core::mem::allocator_in_effect().into(),
         infer_ms_median: Some(infer_ms),
         infer_images_per_s: Some(b as f64 / (infer_ms / 1e3)),
+        phases: Phases::median_of(&phases),
     })
+}
+
+/// `[forward, backward, optimizer]` ms of a step that started at `t0`, whose backward started
+/// at `t1` and whose optimizer started at `t2` and ended now.
+fn phase_ms(t0: Instant, t1: Instant, t2: Instant) -> [f64; 3] {
+    let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
+    [ms(t0, t1), ms(t1, t2), ms(t2, Instant::now())]
 }
 
 /// Median time (ms) of `f` over the batches after `warmup`.

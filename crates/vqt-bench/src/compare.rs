@@ -2,7 +2,7 @@
 //! (`tools/torch_bench.py`, torch + timm on the CPU), interleaved in one invocation, as a table
 //! of ratios ours / PyTorch.
 
-use crate::bench::StepReport;
+use crate::bench::{Phases, StepReport};
 use serde::{Deserialize, Serialize};
 use vqt_models::Preset;
 
@@ -29,6 +29,10 @@ pub struct TorchReport {
     /// Inference images per second at that median.
     #[serde(default)]
     pub infer_images_per_s: Option<f64>,
+    /// Where its step's time went, phase by phase (forward to the loss, `zero_grad` and
+    /// `backward`, `optimizer.step`; medians; absent in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Phases>,
 }
 
 /// The PyTorch methods that a vqt-rs method is compared with. VQT has two: the official code's
@@ -67,6 +71,14 @@ fn median_opt(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     v.filter(|v| !v.is_empty()).map(median)
 }
 
+/// Each phase's median over the rounds (`None` unless every round has phases).
+fn merge_phases(v: impl Iterator<Item = Option<Phases>>) -> Option<Phases> {
+    let v: Option<Vec<Phases>> = v.collect();
+    let v = v.filter(|v| !v.is_empty())?;
+    let m = |f: fn(&Phases) -> f64| median(v.iter().map(f).collect());
+    Some(Phases { forward_ms: m(|p| p.forward_ms), backward_ms: m(|p| p.backward_ms), optimizer_ms: m(|p| p.optimizer_ms) })
+}
+
 /// One row from the same method's measurements in several rounds: each figure (step time,
 /// images/s, memory, ours and PyTorch's alike) is the median over the rounds, the ratios are
 /// taken between those medians, and every round's time ratio is kept. Panics on no rounds.
@@ -81,6 +93,7 @@ pub fn merge_rounds(rounds: &[CompareRow]) -> CompareRow {
     ours.infer_ms_median = median_opt(rounds.iter().map(|r| r.ours.infer_ms_median));
     ours.infer_images_per_s = median_opt(rounds.iter().map(|r| r.ours.infer_images_per_s));
     ours.rss_train_bytes = median_opt(rounds.iter().map(|r| r.ours.rss_train_bytes.map(|b| b as f64))).map(|b| b.round() as u64);
+    ours.phases = merge_phases(rounds.iter().map(|r| r.ours.phases));
     let torch = first.torch.as_ref().map(|t0| {
         let ts: Vec<&TorchReport> = rounds.iter().filter_map(|r| r.torch.as_ref()).collect();
         let mut t = t0.clone();
@@ -89,6 +102,7 @@ pub fn merge_rounds(rounds: &[CompareRow]) -> CompareRow {
         t.infer_ms_median = median_opt(ts.iter().map(|t| t.infer_ms_median));
         t.infer_images_per_s = median_opt(ts.iter().map(|t| t.infer_images_per_s));
         t.rss_train_bytes = median(ts.iter().map(|t| t.rss_train_bytes as f64).collect()).round() as u64;
+        t.phases = merge_phases(ts.iter().map(|t| t.phases));
         t
     });
     let round_time_ratios = rounds.iter().filter_map(|r| r.time_ratio()).collect();
@@ -170,6 +184,33 @@ pub fn targets(rows: &[CompareRow]) -> Vec<Target> {
     v
 }
 
+/// Where each step's time goes, ours beside PyTorch's, phase by phase (only rows where both
+/// sides report phases; empty if none do).
+fn phase_table(rows: &[CompareRow]) -> String {
+    let both: Vec<(&CompareRow, Phases, Phases)> =
+        rows.iter().filter_map(|r| Some((r, r.ours.phases?, r.torch.as_ref()?.phases?))).collect();
+    if both.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\nWhere the step's time goes (median ms per phase: forward to the loss, backward to the gradients, optimizer update; \
+         ours / PyTorch and their ratio):\n\n| method (ours) | PyTorch method | forward ms ours / PyTorch | ratio | backward ms | ratio | optimizer ms | ratio |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let cell = |a: f64, b: f64| format!("{a:.1} / {b:.1} | {:.2}", a / b);
+    for (r, o, t) in both {
+        s += &format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.ours.method,
+            r.torch.as_ref().map(|t| t.method.as_str()).unwrap_or("–"),
+            cell(o.forward_ms, t.forward_ms),
+            cell(o.backward_ms, t.backward_ms),
+            cell(o.optimizer_ms, t.optimizer_ms)
+        );
+    }
+    s
+}
+
 /// The markdown table, with the targets checked below it.
 pub fn markdown(rows: &[CompareRow], cpu: &str) -> String {
     let mut s = String::new();
@@ -219,6 +260,7 @@ pub fn markdown(rows: &[CompareRow], cpu: &str) -> String {
             spread.join("; ")
         );
     }
+    s += &phase_table(rows);
     let ts = targets(rows);
     if !ts.is_empty() {
         s += &format!("\nTargets ({} of {} met):\n\n| ratio | measured | target | met |\n|---|---:|---:|---|\n", ts.iter().filter(|t| t.met).count(), ts.len());
@@ -255,6 +297,7 @@ mod tests {
             rss_train_bytes: mem,
             infer_ms_median: Some(100.0),
             infer_images_per_s: Some(320.0),
+            phases: None,
         }
     }
 
@@ -306,5 +349,38 @@ mod tests {
         assert_eq!(two.ours.step_ms_median, 150.0);
         let one = merge_rounds(&[row(100.0, 1 << 20, 100.0)]);
         assert!(one.round_time_ratios.is_empty() && !markdown(&[one], "cpu").contains("rounds"));
+    }
+
+    #[test]
+    fn phases_merge_per_phase_and_are_tabled_beside_pytorchs() {
+        let ph = |f: f64, b: f64, o: f64| Some(Phases { forward_ms: f, backward_ms: b, optimizer_ms: o });
+        let row = |o: Option<Phases>, t: Option<Phases>| {
+            let mut ours = ours("lora", 100.0, 1 << 20);
+            ours.phases = o;
+            let mut torch = torch("lora", 100.0, 1 << 20);
+            torch.phases = t;
+            CompareRow { ours, torch: Some(torch), round_time_ratios: Vec::new() }
+        };
+        // Each phase's median is taken on its own: not the phases of the median step.
+        let merged = merge_rounds(&[
+            row(ph(10.0, 90.0, 5.0), ph(20.0, 40.0, 1.0)),
+            row(ph(30.0, 60.0, 1.0), ph(10.0, 50.0, 2.0)),
+            row(ph(20.0, 80.0, 3.0), ph(30.0, 60.0, 4.0)),
+        ]);
+        assert_eq!(merged.ours.phases, ph(20.0, 80.0, 3.0));
+        assert_eq!(merged.torch.as_ref().unwrap().phases, ph(20.0, 50.0, 2.0));
+        let md = markdown(&[merged], "cpu");
+        assert!(md.contains("| lora | lora | 20.0 / 20.0 | 1.00 | 80.0 / 50.0 | 1.60 | 3.0 / 2.0 | 1.50 |"), "{md}");
+        // A round without phases (an older report) drops them rather than mixing rounds.
+        let partial = merge_rounds(&[row(ph(10.0, 90.0, 5.0), ph(1.0, 1.0, 1.0)), row(None, ph(1.0, 1.0, 1.0))]);
+        assert_eq!(partial.ours.phases, None);
+        // No phases on one side: no phase table.
+        assert!(!markdown(&[row(ph(1.0, 1.0, 1.0), None)], "cpu").contains("Where the step's time goes"));
+        // A report without the field (written before it) still reads.
+        let old: TorchReport = serde_json::from_str(
+            r#"{"method":"lora","framework":"t","trainable_params":1,"total_params":2,"step_ms_median":1.0,"train_images_per_s":1.0,"rss_train_bytes":0}"#,
+        )
+        .unwrap();
+        assert_eq!(old.phases, None);
     }
 }
