@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 macro_rules! dispatched {
     ($(#[$doc:meta])* $name:ident($($a:ident: $t:ty),*) => $body:block) => {
         $(#[$doc])*
-        pub(crate) fn $name(simd: $crate::ops::gelu::Simd, $($a: $t),*) {
+        pub(crate) fn $name(simd: $crate::ops::cpu::Simd, $($a: $t),*) {
             #[inline(always)]
             fn body($($a: $t),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -23,8 +23,8 @@ macro_rules! dispatched {
                 match simd {
                     // SAFETY: `simd` comes from `detect`, which checked the CPU for the feature
                     // (a caller passing a level the CPU lacks is refused below).
-                    $crate::ops::gelu::Simd::Avx512 if $crate::ops::gelu::has($crate::ops::gelu::Simd::Avx512) => unsafe { avx512($($a),*) },
-                    $crate::ops::gelu::Simd::Avx2 if $crate::ops::gelu::has($crate::ops::gelu::Simd::Avx2) => unsafe { avx2($($a),*) },
+                    $crate::ops::cpu::Simd::Avx512 if $crate::ops::cpu::has($crate::ops::cpu::Simd::Avx512) => unsafe { avx512($($a),*) },
+                    $crate::ops::cpu::Simd::Avx2 if $crate::ops::cpu::has($crate::ops::cpu::Simd::Avx2) => unsafe { avx2($($a),*) },
                     _ => body($($a),*),
                 }
             }
@@ -38,6 +38,7 @@ macro_rules! dispatched {
 }
 
 pub mod attention;
+pub mod cpu;
 pub mod gelu;
 pub mod layer_norm;
 pub mod linear;

@@ -29,7 +29,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::exp_neg;
-use super::gelu::{simd, Simd};
+use super::cpu::{simd, SendPtr, Simd};
 
 /// Attention of already split heads as a backend extension: Flex runs it per (image, head);
 /// under autodiff a node of its own runs the matching backward.
@@ -202,20 +202,6 @@ impl<'a> View<'a> {
 unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_cs: isize, dst_rs: isize, lhs: *const f32, lhs_cs: isize, lhs_rs: isize, rhs: *const f32, rhs_cs: isize, rhs_rs: isize, beta: f32) {
     // SAFETY: forwarded from the caller.
     unsafe { gemm::gemm(m, n, k, dst, dst_cs, dst_rs, false, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 0.0, beta, false, false, false, gemm::Parallelism::None) }
-}
-
-/// A raw pointer that may cross into a rayon task (each task writes its own disjoint part).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint regions (one head each) and the buffer outlives the parallel loop.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `SendPtr`, not its field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 fn checked_dims(q: &View, k: &View, v: &View) -> (usize, usize, usize, usize, usize, usize) {
@@ -565,7 +551,7 @@ mod tests {
         let mut base = row.clone();
         exp_shifted_into(Simd::Baseline, &mut base, max);
         for level in [Simd::Avx2, Simd::Avx512] {
-            if super::super::gelu::has(level) {
+            if super::super::cpu::has(level) {
                 let mut r = row.clone();
                 exp_shifted_into(level, &mut r, max);
                 assert_eq!(r, base, "{level:?} differs from the baseline loop");

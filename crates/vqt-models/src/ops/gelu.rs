@@ -23,6 +23,7 @@ use burn::backend::TensorMetadata;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::cpu::{contiguous, simd};
 use super::{erf_poly, exp_neg};
 
 /// Elements per rayon task: large enough to amortise the task, small enough to split a
@@ -101,15 +102,6 @@ fn owned_values(t: &mut FlexTensor) -> Option<&mut [f32]> {
     }
 }
 
-/// `t` with contiguous values (a copy only when it is a strided view).
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.layout().contiguous_offsets().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
 /// GELU of `x` (f32): in place when `x` owns its contiguous buffer, else into a new one.
 fn forward(mut x: FlexTensor) -> FlexTensor {
     let simd = simd();
@@ -183,50 +175,6 @@ dispatched! {
     }
 }
 
-/// Which vector loop this CPU runs (detected once).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Simd {
-    /// AVX-512F (16 lanes).
-    Avx512,
-    /// AVX2 with FMA (8 lanes).
-    Avx2,
-    /// The baseline build (SSE2 on x86-64, or another architecture's default).
-    Baseline,
-}
-
-/// The vector loop [`FastGelu`] uses on this CPU; `VQT_SIMD=baseline` (or `avx2`) forces a
-/// narrower one, for checking that a build runs without AVX-512.
-pub fn simd() -> Simd {
-    static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
-    *SIMD.get_or_init(|| {
-        let forced = std::env::var("VQT_SIMD").ok();
-        detect(forced.as_deref())
-    })
-}
-
-/// Whether this CPU has the instructions of `level`.
-pub(crate) fn has(level: Simd) -> bool {
-    match level {
-        Simd::Baseline => true,
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => false,
-    }
-}
-
-/// The widest level the CPU has, at most `forced` (`baseline`, `avx2`, `avx512`) when given.
-fn detect(forced: Option<&str>) -> Simd {
-    let cap = match forced {
-        Some("baseline") => 0,
-        Some("avx2") => 1,
-        _ => 2,
-    };
-    [(2, Simd::Avx512), (1, Simd::Avx2)].into_iter().find(|&(rank, level)| rank <= cap && has(level)).map_or(Simd::Baseline, |(_, level)| level)
-}
-
 /// GELU through the extension (Flex devices, with or without autodiff).
 pub(crate) fn gelu_flex<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FastGelu>::fast_gelu(x.into_dispatch()))
@@ -235,6 +183,7 @@ pub(crate) fn gelu_flex<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::cpu::{has, Simd};
 
     /// Each vector loop the CPU has gives the same bits as the baseline loop.
     #[test]
@@ -265,18 +214,6 @@ mod tests {
             let pdf = (-xd * xd / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
             assert!((f - xd * cdf).abs() <= 4e-7 * xd.abs().max(1.0), "gelu({x}) = {f}");
             assert!((g - (cdf + xd * pdf)).abs() <= 1e-6, "gelu'({x}) = {g}");
-        }
-    }
-
-    #[test]
-    fn a_forced_loop_is_honoured_and_baseline_is_always_available() {
-        assert_eq!(detect(Some("baseline")), Simd::Baseline);
-        assert!(has(detect(None)) && has(detect(Some("avx2"))));
-        if has(Simd::Avx512) {
-            assert_eq!(detect(None), Simd::Avx512);
-        }
-        if has(Simd::Avx2) {
-            assert_eq!(detect(Some("avx2")), Simd::Avx2);
         }
     }
 

@@ -21,8 +21,10 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::ops::ModuleOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
+
+use super::cpu::{all_f32, dense};
 
 /// LayerNorm over the last dim as a backend extension: Flex runs it row-parallel; under
 /// autodiff a node of its own runs the matching backward.
@@ -33,13 +35,9 @@ pub trait FastLayerNorm: Backend {
     fn fast_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
 }
 
-fn all_f32(ts: &[&FlexTensor]) -> bool {
-    ts.iter().all(|t| t.dtype() == DType::F32)
-}
-
 impl FastLayerNorm for Flex {
     fn fast_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        if all_f32(&[&x, &gamma, &beta]) {
+        if all_f32([&x, &gamma, &beta]) {
             forward(&x, &gamma, &beta, eps, false).0
         } else {
             Flex::layer_norm(x, gamma, Some(beta), eps)
@@ -59,7 +57,7 @@ impl std::fmt::Debug for Stats {
 
 impl<C: CheckpointStrategy> FastLayerNorm for Autodiff<Flex, C> {
     fn fast_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        if !all_f32(&[x.primitive(), gamma.primitive(), beta.primitive()]) {
+        if !all_f32([x.primitive(), gamma.primitive(), beta.primitive()]) {
             return <Self as ModuleOps<Self>>::layer_norm(x, gamma, Some(beta), eps);
         }
 
@@ -100,14 +98,6 @@ impl<C: CheckpointStrategy> FastLayerNorm for Autodiff<Flex, C> {
 
 /// Rows per rayon task (and per block of the parameter-gradient sums).
 const ROWS: usize = 64;
-
-/// `t`'s values as one contiguous slice (a copy only for a strided view).
-fn dense(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-    match t.as_slice::<f32>() {
-        Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().expect("contiguous f32").to_vec()),
-    }
-}
 
 fn width(x: &FlexTensor, gamma: &FlexTensor) -> usize {
     let shape = x.layout().shape();

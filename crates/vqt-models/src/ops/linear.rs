@@ -24,8 +24,10 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::ops::ModuleOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
-use burn::tensor::{DType, Shape, Tensor, TensorData};
+use burn::tensor::{Shape, Tensor, TensorData};
 use rayon::prelude::*;
+
+use super::cpu::{all_f32, dense, SendPtr};
 
 /// `x·W + b` as a backend extension: Flex runs it as one bias-initialised gemm; under autodiff a
 /// node of its own runs the matching backward.
@@ -39,10 +41,6 @@ pub trait FastLinear: Backend {
     fn fast_linear_no_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
-fn all_f32(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> bool {
-    x.dtype() == DType::F32 && w.dtype() == DType::F32 && b.is_none_or(|b| b.dtype() == DType::F32)
-}
-
 impl FastLinear for Flex {
     fn fast_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
         flex_linear(x, weight, Some(bias))
@@ -53,7 +51,7 @@ impl FastLinear for Flex {
 }
 
 fn flex_linear(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> FlexTensor {
-    if all_f32(&x, &weight, bias.as_ref()) {
+    if all_f32([&x, &weight].into_iter().chain(bias.as_ref())) {
         forward(x, &weight, bias.as_ref())
     } else {
         Flex::linear(x, weight, bias)
@@ -83,7 +81,7 @@ impl<C: CheckpointStrategy> FastLinear for Autodiff<Flex, C> {
 
 fn autodiff_linear<C: CheckpointStrategy>(x: FloatTensor<Autodiff<Flex, C>>, weight: FloatTensor<Autodiff<Flex, C>>, bias: Option<FloatTensor<Autodiff<Flex, C>>>) -> FloatTensor<Autodiff<Flex, C>> {
     {
-        if !all_f32(x.primitive(), weight.primitive(), bias.as_ref().map(|b| b.primitive())) {
+        if !all_f32([x.primitive(), weight.primitive()].into_iter().chain(bias.as_ref().map(|b| b.primitive()))) {
             return <Autodiff<Flex, C> as ModuleOps<Autodiff<Flex, C>>>::linear(x, weight, bias);
         }
 
@@ -226,13 +224,6 @@ fn rows_readable(t: FlexTensor) -> FlexTensor {
     }
 }
 
-/// A raw pointer that may cross into a rayon task (each task writes its own disjoint part).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint regions and the buffer outlives the parallel loop.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// `dst[m, n] = (read ? dst : 0) + lhs[m, k]·rhs[k, n]`, `dst` row-major and dense.
 ///
 /// # Safety
@@ -265,8 +256,7 @@ fn forward(x: FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>) -> FlexTens
     assert_eq!(wm.rows, k, "linear: x has {k} features, the weight {} rows", wm.rows);
     let bias_values: Option<Vec<f32>> = bias.map(|b| {
         assert_eq!(b.layout().shape().num_elements(), n, "linear: bias of {n} values expected");
-        let b = if b.layout().contiguous_offsets().is_some() { b.clone() } else { b.clone().to_contiguous() };
-        b.as_slice::<f32>().expect("contiguous f32")[..n].to_vec()
+        dense(b)[..n].to_vec()
     });
     let out = uninit_output(m, n, |dst| {
         let dst = SendPtr(dst);

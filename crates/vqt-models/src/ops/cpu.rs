@@ -1,0 +1,106 @@
+//! What the Flex (`cpu`) kernels of [`super`] share: the vector loop the CPU runs ([`Simd`],
+//! chosen once at run time), a pointer rayon tasks may write through, and the dtype and layout
+//! checks every kernel makes before it reads a tensor's values as one f32 slice.
+
+use burn::backend::flex::FlexTensor;
+use burn::tensor::DType;
+
+/// Which vector loop this CPU runs (detected once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    /// AVX-512F (16 lanes).
+    Avx512,
+    /// AVX2 with FMA (8 lanes).
+    Avx2,
+    /// The baseline build (SSE2 on x86-64, or another architecture's default).
+    Baseline,
+}
+
+/// The vector loop the kernels (GELU, the attention's exponentials) use on this CPU;
+/// `VQT_SIMD=baseline` (or `avx2`) forces a narrower one, for checking that a build runs
+/// without AVX-512.
+pub fn simd() -> Simd {
+    static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *SIMD.get_or_init(|| {
+        let forced = std::env::var("VQT_SIMD").ok();
+        detect(forced.as_deref())
+    })
+}
+
+/// Whether this CPU has the instructions of `level`.
+pub(crate) fn has(level: Simd) -> bool {
+    match level {
+        Simd::Baseline => true,
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => false,
+    }
+}
+
+/// The widest level the CPU has, at most `forced` (`baseline`, `avx2`, `avx512`) when given.
+fn detect(forced: Option<&str>) -> Simd {
+    let cap = match forced {
+        Some("baseline") => 0,
+        Some("avx2") => 1,
+        _ => 2,
+    };
+    [(2, Simd::Avx512), (1, Simd::Avx2)].into_iter().find(|&(rank, level)| rank <= cap && has(level)).map_or(Simd::Baseline, |(_, level)| level)
+}
+
+/// A raw pointer that may cross into a rayon task. Each use must have every task write its
+/// own disjoint part of a buffer that outlives the parallel loop.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: the tasks write disjoint regions and the buffer outlives the parallel loop (the
+// contract of every use, above).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, not its field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Whether every tensor holds f32 (the kernels' only dtype; others take Burn's own ops).
+pub(crate) fn all_f32<'a>(ts: impl IntoIterator<Item = &'a FlexTensor>) -> bool {
+    ts.into_iter().all(|t| t.dtype() == DType::F32)
+}
+
+/// `t` with contiguous values (a copy only when it is a strided view).
+pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.layout().contiguous_offsets().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// `t`'s values as one contiguous slice (a copy only for a strided view).
+pub(crate) fn dense(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().expect("contiguous f32").to_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forced_loop_is_honoured_and_baseline_is_always_available() {
+        assert_eq!(detect(Some("baseline")), Simd::Baseline);
+        assert!(has(detect(None)) && has(detect(Some("avx2"))));
+        if has(Simd::Avx512) {
+            assert_eq!(detect(None), Simd::Avx512);
+        }
+        if has(Simd::Avx2) {
+            assert_eq!(detect(Some("avx2")), Simd::Avx2);
+        }
+    }
+}
