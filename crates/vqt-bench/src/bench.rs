@@ -93,6 +93,10 @@ pub struct Phases {
     pub backward_ms: f64,
     /// The optimizer's update.
     pub optimizer_ms: f64,
+    /// For the cached rows: the part of `forward_ms` that gathers the batch's keys and values
+    /// out of the cache onto the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_gather_ms: Option<f64>,
 }
 
 impl Phases {
@@ -102,7 +106,7 @@ impl Phases {
             return None;
         }
         let m = |k: usize| median(steps.iter().map(|s| s[k]).collect());
-        Some(Phases { forward_ms: m(0), backward_ms: m(1), optimizer_ms: m(2) })
+        Some(Phases { forward_ms: m(0), backward_ms: m(1), optimizer_ms: m(2), cache_gather_ms: None })
     }
 }
 
@@ -201,6 +205,7 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
     let targets = Tensor::<1, Int>::from_data(TensorData::new(labels, [b]), &ad);
     let mut times = Vec::new();
     let mut phases: Vec<[f64; 3]> = Vec::new();
+    let mut gathers: Vec<f64> = Vec::new();
     let mut device_peak: Option<u64> = None;
     let sample = |device_peak: &mut Option<u64>| {
         if let Some(u) = pool_bytes(&plain) {
@@ -267,6 +272,10 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
                 Some((c, _)) => TrunkInput::Cached(c.batch(&model.backbone, &(i * b..(i + 1) * b).collect::<Vec<_>>(), &ad)),
                 None => TrunkInput::Images(x.clone()),
             };
+            if cache.is_some() && i >= o.warmup {
+                plain.sync().map_err(|e| e.to_string())?;
+                gathers.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
             let out = model.forward_classification(TrunkBatch { input, targets: targets.clone(), rng_seed: None });
             sample(&mut device_peak);
             let t1 = Instant::now();
@@ -320,7 +329,7 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
         allocator: vqt_core::mem::allocator_in_effect().into(),
         infer_ms_median: Some(infer_ms),
         infer_images_per_s: Some(b as f64 / (infer_ms / 1e3)),
-        phases: Phases::median_of(&phases),
+        phases: Phases::median_of(&phases).map(|p| Phases { cache_gather_ms: (!gathers.is_empty()).then(|| median(gathers)), ..p }),
     })
 }
 
@@ -400,6 +409,15 @@ pub fn markdown(reports: &[StepReport]) -> String {
             r.cache_100_epochs_over_inference.unwrap(),
             r.cache_floor_100_epochs.map(|f| format!("{f:.2}x")).unwrap_or_else(|| "–".into())
         );
+        if let Some(p) = r.phases {
+            s += &format!(
+                "Its step, phase by phase (medians): forward {:.1} ms{}, backward {:.1} ms, optimizer {:.1} ms.\n",
+                p.forward_ms,
+                p.cache_gather_ms.map(|g| format!(" (of which {g:.1} ms gathering the batch's keys and values from the cache)")).unwrap_or_default(),
+                p.backward_ms,
+                p.optimizer_ms
+            );
+        }
     }
     if let Some(l) = reports.iter().filter_map(|r| r.load_avg).reduce(f64::max) {
         s += &format!("\nMax 1-minute load average during the runs: {l:.2} (timings swing with load on a shared machine).\n");
@@ -423,5 +441,26 @@ mod tests {
         assert!((cache_floor(&b16, 1) - 0.85).abs() < 0.02, "{}", cache_floor(&b16, 1));
         assert!((cache_floor(&s14, 1) - 2.58).abs() < 0.03, "{}", cache_floor(&s14, 1));
         assert!((cache_floor(&s14, 2) - 2.0 * cache_floor(&s14, 1)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn phases_are_per_phase_medians_and_the_cached_row_reports_its_gather() {
+        // Each phase's median on its own (not the phases of the median step).
+        let p = Phases::median_of(&[[10.0, 90.0, 1.0], [30.0, 50.0, 3.0], [20.0, 70.0, 2.0]]).unwrap();
+        assert_eq!((p.forward_ms, p.backward_ms, p.optimizer_ms, p.cache_gather_ms), (20.0, 70.0, 2.0, None));
+        assert_eq!(Phases::median_of(&[]), None);
+        let mut r: StepReport = serde_json::from_value(serde_json::json!({
+            "method": "vqt-cached", "backend": "cpu", "backbone": "vit-s14-dinov2", "img_size": 112, "batch": 128,
+            "trainable_params": 10, "total_params": 100, "step_ms_median": 170.0, "train_images_per_s": 1.0,
+            "rss_baseline_bytes": 0, "rss_peak_bytes": 1, "rss_train_bytes": 1, "device_peak_bytes": null,
+            "cache_build_ms": 1000.0, "cache_100_epochs_over_inference": 5.0, "cache_dtype": "f32", "cache_images": 768,
+            "cache_bytes": 1, "load_avg": null
+        }))
+        .unwrap();
+        assert_eq!(r.phases, None, "a report without phases (written before them) still reads");
+        assert!(!markdown(std::slice::from_ref(&r)).contains("phase by phase"));
+        r.phases = Some(Phases { cache_gather_ms: Some(40.0), ..p });
+        let md = markdown(&[r]);
+        assert!(md.contains("forward 20.0 ms (of which 40.0 ms gathering the batch's keys and values from the cache), backward 70.0 ms"), "{md}");
     }
 }

@@ -76,7 +76,13 @@ fn merge_phases(v: impl Iterator<Item = Option<Phases>>) -> Option<Phases> {
     let v: Option<Vec<Phases>> = v.collect();
     let v = v.filter(|v| !v.is_empty())?;
     let m = |f: fn(&Phases) -> f64| median(v.iter().map(f).collect());
-    Some(Phases { forward_ms: m(|p| p.forward_ms), backward_ms: m(|p| p.backward_ms), optimizer_ms: m(|p| p.optimizer_ms) })
+    let gather: Option<Vec<f64>> = v.iter().map(|p| p.cache_gather_ms).collect();
+    Some(Phases {
+        forward_ms: m(|p| p.forward_ms),
+        backward_ms: m(|p| p.backward_ms),
+        optimizer_ms: m(|p| p.optimizer_ms),
+        cache_gather_ms: gather.filter(|g| !g.is_empty()).map(median),
+    })
 }
 
 /// One row from the same method's measurements in several rounds: each figure (step time,
@@ -353,7 +359,7 @@ mod tests {
 
     #[test]
     fn phases_merge_per_phase_and_are_tabled_beside_pytorchs() {
-        let ph = |f: f64, b: f64, o: f64| Some(Phases { forward_ms: f, backward_ms: b, optimizer_ms: o });
+        let ph = |f: f64, b: f64, o: f64| Some(Phases { forward_ms: f, backward_ms: b, optimizer_ms: o, cache_gather_ms: None });
         let row = |o: Option<Phases>, t: Option<Phases>| {
             let mut ours = ours("lora", 100.0, 1 << 20);
             ours.phases = o;
