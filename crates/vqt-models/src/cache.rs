@@ -10,6 +10,7 @@
 
 use crate::vit::{TrunkKv, Vit};
 use burn::tensor::{Device, Tensor, TensorData};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// What the cache stores per layer.
@@ -359,21 +360,23 @@ impl FeatureCache {
         assert!(rows.iter().all(|&r| r < l.len), "cache row out of range");
         let device = device.clone().without_autodiff();
         let (b, n, d, h) = (rows.len(), l.tokens, l.dim, l.heads);
-        let upload = |store: &Store| {
-            let mut buf = Vec::with_capacity(b * n * d);
-            store.gather(rows, n * d, &mut buf);
-            Tensor::<4>::from_data(TensorData::new(buf, [b, h, n, d / h]), &device)
-        };
-        let kv = self
-            .layers
-            .iter()
-            .enumerate()
+        // Every stored tensor's rows are gathered across the threads first (a memory-bound copy:
+        // 153 MB per step at ViT-S/14 112 px batch 128, 1.8 GB at ViT-B/16 224 px), then made
+        // tensors in order.
+        // (The buffers are allocated here, on the calling thread: allocated on rayon's threads
+        // they came from the allocator's per-thread arenas as fresh pages every step, which made
+        // the copy slower than the one-threaded one.)
+        let stores: Vec<&Store> = self.layers.iter().chain(&self.values).collect();
+        let mut firsts: Vec<Vec<f32>> = stores.iter().map(|_| Vec::with_capacity(b * n * d)).collect();
+        firsts.par_iter_mut().zip(&stores).for_each(|(buf, store)| store.gather(rows, n * d, buf));
+        let mut values = firsts.split_off(self.layers.len()).into_iter();
+        let heads = |buf: Vec<f32>| Tensor::<4>::from_data(TensorData::new(buf, [b, h, n, d / h]), &device);
+        let kv = firsts
+            .into_iter()
             .zip(&vit.blocks)
-            .map(|((m, store), block)| match l.kind {
-                CacheKind::Kv => (upload(store), upload(&self.values[m])),
+            .map(|(buf, block)| match l.kind {
+                CacheKind::Kv => (heads(buf), heads(values.next().expect("a value store per layer"))),
                 CacheKind::Hidden => {
-                    let mut buf = Vec::with_capacity(b * n * d);
-                    store.gather(rows, n * d, &mut buf);
                     let z = Tensor::<3>::from_data(TensorData::new(buf, [b, n, d]), &device);
                     block.attn.kv(crate::ops::norm(&block.norm1, z))
                 }
