@@ -137,17 +137,12 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// Multi-head attention `softmax(q·kᵀ/√Dh)·v` of split heads (`[B, H, Nq, Dh]` x
 /// `[B, H, Nk, Dh]` x `[B, H, Nk, Dv]` -> `[B, H, Nq, Dv]`) on Flex in f32, through
 /// [`attention::FastAttention`] (per-head products on the strided views, its own autodiff node),
-/// or `Err` with the inputs back where that does not apply (another backend or dtype, fewer
-/// than 16 query rows per head, or the A/B switch [`use_burn_flex_attention`] set): the caller
-/// then composes it from Burn's ops.
+/// or `Err` with the inputs back where that does not apply (another backend or dtype, or the A/B
+/// switch [`use_burn_flex_attention`] set): the caller then composes it from Burn's ops. Heads
+/// with fewer than 16 query rows (VQT's queries) run vector loops instead of `gemm` calls.
 pub fn flex_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<Tensor<4>, (Tensor<4>, Tensor<4>, Tensor<4>)> {
     let f32s = [q.dtype(), k.dtype(), v.dtype()].iter().all(|d| *d == burn::tensor::DType::F32);
-    // A few query rows per head (VQT's Q query tokens, e.g. 1) make every per-head product a
-    // vector product, where a gemm call per head costs more than the work: measured on the
-    // cached VQT step (Q = 1, S/14 112 px batch 128, Zen 3) Burn's ops took 171-176 ms and the
-    // per-head extension 198-213. Those go through Burn's ops.
-    let few_queries = q.dims()[2] < MIN_QUERY_ROWS;
-    if !is_flex(&q.device()) || !f32s || few_queries || BURN_FLEX_ATTENTION.load(std::sync::atomic::Ordering::Relaxed) {
+    if !is_flex(&q.device()) || !f32s || BURN_FLEX_ATTENTION.load(std::sync::atomic::Ordering::Relaxed) {
         return Err((q, k, v));
     }
     let scale = 1.0 / (q.dims()[3] as f32).sqrt();
@@ -188,8 +183,8 @@ pub fn use_split_qkv(on: bool) {
     SPLIT_QKV.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Query rows per head from which [`flex_attention`] takes the per-head extension (ViT tokens,
-/// 50 and more at the sizes used here); fewer go through Burn's ops.
+/// Tokens from which [`flex_attention_packed`] takes the extension (ViT tokens, 50 and more at
+/// the sizes used here); fewer go through the split parts.
 const MIN_QUERY_ROWS: usize = 16;
 
 static BURN_FLEX_ATTENTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -10,7 +10,10 @@
 //! (`dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − rowsum(dP ⊙ P))·scale`, `dQ = dS·K`,
 //! `dK = dSᵀ·Q`) per (image, head) in one task, computing only the gradients whose inputs are
 //! tracked (VQT's queries read frozen keys and values, so only `dQ`). The output is written in
-//! `[B, N, H, Dh]` order, so merging the heads afterwards is a view, not a copy.
+//! `[B, N, H, Dh]` order, so merging the heads afterwards is a view, not a copy. With fewer than
+//! 16 query rows per head (VQT's Q queries per layer, usually 1) every product is a handful of
+//! vector products, so the head runs dot-product and row-update loops instead of `gemm` calls
+//! (whose per-call setup and packing cost more than that work).
 //!
 //! The result does not depend on the number of threads (each task owns its head). The
 //! exponential is [`super::exp_neg`] (about 2 ulp) in a loop compiled for AVX-512F,
@@ -239,28 +242,173 @@ fn forward_views(qv: &View, kv: &View, vv: &View, scale: f32, keep: bool) -> (Fl
     let out_ptr = SendPtr(out.as_mut_ptr());
     let probs_ptr = probs.as_mut().map(|p| SendPtr(p.as_mut_ptr()));
     let level = simd();
-    (0..b * h).into_par_iter().for_each_init(
-        || if keep { Vec::new() } else { vec![0f32; nq * nk] },
-        |scratch, i| {
+    let few = nq < FEW_ROWS;
+    (0..b * h).into_par_iter().with_min_len(if few { h } else { 1 }).for_each_init(
+        || (if keep { Vec::new() } else { vec![0f32; nq * nk] }, Scratch::default()),
+        |(scratch, few_scratch), i| {
             let (bi, hi) = (i / h, i % h);
             let p: &mut [f32] = match probs_ptr {
                 // SAFETY: head i owns probs[i·Nq·Nk .. (i+1)·Nq·Nk].
                 Some(ptr) => unsafe { std::slice::from_raw_parts_mut(ptr.get().add(i * nq * nk), nq * nk) },
                 None => scratch.as_mut_slice(),
             };
-            // SAFETY: the views address their heads; p is Nq x Nk row-major; the output head
-            // (b, h) is Nq rows of Dv at row stride H·Dv, owned by this task.
+            // The output head (b, h) is Nq rows of Dv at row stride H·Dv, owned by this task.
+            let out_head = out_ptr.get().wrapping_add(bi * nq * h * dv + hi * dv);
+            if few {
+                let Scratch { a, b: kb, c: vb, out: o } = few_scratch;
+                let (q, k, v) = (Rows::of(qv, bi, hi, a), Rows::of(kv, bi, hi, kb), Rows::of(vv, bi, hi, vb));
+                few_scores(level, q, k, scale, p);
+                softmax_rows(level, p, nk);
+                o.resize(nq * dv, 0.0);
+                few_combine(level, p, v, o);
+                // SAFETY: as above; o is Nq x Dv.
+                unsafe { put_rows(o, dv, out_head, h * dv) };
+                return;
+            }
+            // SAFETY: the views address their heads; p is Nq x Nk row-major.
             unsafe {
                 mm(nq, nk, dh, p.as_mut_ptr(), 1, nk as isize, qv.head(bi, hi), qv.cs(), qv.rs(), kv.head(bi, hi), kv.rs(), kv.cs(), scale);
             }
             softmax_rows(level, p, nk);
             unsafe {
-                mm(nq, dv, nk, out_ptr.get().add(bi * nq * h * dv + hi * dv), 1, (h * dv) as isize, p.as_ptr(), 1, nk as isize, vv.head(bi, hi), vv.cs(), vv.rs(), 1.0);
+                mm(nq, dv, nk, out_head, 1, (h * dv) as isize, p.as_ptr(), 1, nk as isize, vv.head(bi, hi), vv.cs(), vv.rs(), 1.0);
             }
         },
     );
     let stored = FlexTensor::from_data(TensorData::new(out, [b, nq, h, dv]));
     (Flex::float_swap_dims(stored, 1, 2), probs)
+}
+
+/// Query rows per head below which a head's products run as vector loops over rows (dot
+/// products and row updates, [`few_scores`], [`few_combine`], [`few_transpose_combine`])
+/// instead of `gemm` calls: with VQT's Q = 1 query per layer every per-head product is a
+/// vector product, and a `gemm` call per head (packing included) costs more than its work.
+const FEW_ROWS: usize = 16;
+
+/// Per-task buffers of the few-row path: head copies where a view's columns are strided, and
+/// results before they are written to their (interleaved) destinations.
+#[derive(Default)]
+struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// One head's `rows x cols` block with contiguous columns: row `r` is `data[r·rs .. r·rs + cols]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    data: &'a [f32],
+    rs: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// Head `(b, h)` of `view`, read in place when its columns are contiguous (and its strides
+    /// non-negative), else copied into `buf`.
+    fn of(view: &'a View, b: usize, h: usize, buf: &'a mut Vec<f32>) -> Self {
+        let [_, _, rows, cols] = view.dims;
+        let (rs, cs) = (view.rs(), view.cs());
+        let off = view.start + b as isize * view.strides[0] + h as isize * view.strides[1];
+        if rows == 0 || cols == 0 {
+            return Rows { data: &[], rs: cols, rows, cols };
+        }
+        if cs == 1 && rs >= 0 && off >= 0 {
+            let (off, rs) = (off as usize, rs as usize);
+            return Rows { data: &view.data[off..off + (rows - 1) * rs + cols], rs, rows, cols };
+        }
+        buf.clear();
+        for r in 0..rows as isize {
+            buf.extend((0..cols as isize).map(|c| view.data[(off + r * rs + c * cs) as usize]));
+        }
+        Rows { data: buf, rs: cols, rows, cols }
+    }
+
+    /// Contiguous rows (`rows x cols` row-major in `data`).
+    #[cfg(test)]
+    pub(crate) fn dense(data: &'a [f32], cols: usize) -> Self {
+        Rows { data, rs: cols, rows: data.len() / cols.max(1), cols }
+    }
+
+    #[inline(always)]
+    fn row(&self, r: usize) -> &'a [f32] {
+        &self.data[r * self.rs..r * self.rs + self.cols]
+    }
+}
+
+/// `a · b` in 8 lanes summed in a fixed order: the same bits on every vector loop.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ar.iter().zip(br).enumerate() {
+        acc[l] += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// `out += w · x`.
+#[inline(always)]
+fn axpy(w: f32, x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o += w * v;
+    }
+}
+
+dispatched! {
+    /// `s[i, j] = scale · (a_i · b_j)` (`s`: `a.rows x b.rows`, row-major).
+    few_scores(a: Rows<'_>, b: Rows<'_>, scale: f32, s: &mut [f32]) => {
+        for (i, srow) in s.chunks_exact_mut(b.rows.max(1)).enumerate().take(a.rows) {
+            let ai = a.row(i);
+            for (j, x) in srow.iter_mut().enumerate() {
+                *x = dot(ai, b.row(j)) * scale;
+            }
+        }
+    }
+}
+
+dispatched! {
+    /// `out_i = Σ_j w[i, j] · x_j` (`w`: `rows x x.rows`; `out`: `rows x x.cols`, overwritten).
+    few_combine(w: &[f32], x: Rows<'_>, out: &mut [f32]) => {
+        let n = x.rows;
+        for (wrow, orow) in w.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(x.cols.max(1))) {
+            orow.fill(0.0);
+            for (j, &c) in wrow.iter().enumerate() {
+                axpy(c, x.row(j), orow);
+            }
+        }
+    }
+}
+
+dispatched! {
+    /// `out_j = Σ_i w[i, j] · x_i` (`w`: `x.rows x n`; `out`: `n x x.cols`, overwritten).
+    few_transpose_combine(w: &[f32], n: usize, x: Rows<'_>, out: &mut [f32]) => {
+        for (j, orow) in out.chunks_exact_mut(x.cols.max(1)).enumerate().take(n) {
+            orow.fill(0.0);
+            for i in 0..x.rows {
+                axpy(w[i * n + j], x.row(i), orow);
+            }
+        }
+    }
+}
+
+/// Writes `src` (rows of `cols`) to rows `dst_rs` apart from `dst`.
+///
+/// # Safety
+/// `dst` must address `src.len() / cols` rows of `cols` writable elements at that stride, not
+/// written by anyone else meanwhile.
+unsafe fn put_rows(src: &[f32], cols: usize, dst: *mut f32, dst_rs: usize) {
+    for (r, row) in src.chunks_exact(cols.max(1)).enumerate() {
+        // SAFETY: forwarded from the caller.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(r * dst_rs), cols) };
+    }
 }
 
 /// The gradients `[dQ, dK, dV]` (those asked for) from the output gradient `grad`.
@@ -317,11 +465,44 @@ fn backward_views(qv: &View, kv: &View, vv: &View, probs: &[f32], gv: &View, sca
     assert_eq!(probs.len(), b * h * nq * nk, "attention: kept probabilities");
     let [dq_dest, dk_dest, dv_dest] = dests;
     let (want_q, want_k) = (dq_dest.is_some(), dk_dest.is_some());
-    (0..b * h).into_par_iter().for_each_init(
-        || vec![0f32; nq * nk],
-        |ds, i| {
+    let level = simd();
+    let few = nq < FEW_ROWS;
+    (0..b * h).into_par_iter().with_min_len(if few { h } else { 1 }).for_each_init(
+        || (vec![0f32; nq * nk], Scratch::default(), Vec::new()),
+        |(ds, scratch, g_buf), i| {
             let (bi, hi) = (i / h, i % h);
             let p = &probs[i * nq * nk..(i + 1) * nq * nk];
+            if few {
+                let Scratch { a, b: kb, c: vb, out } = scratch;
+                let g = Rows::of(gv, bi, hi, g_buf);
+                // SAFETY (every put_rows): head i owns its Nq x Dh, Nk x Dh and Nk x Dv blocks
+                // of the destinations (disjoint between heads, also inside one fused buffer).
+                if let Some(d) = dv_dest {
+                    // dV = Pᵀ · dO
+                    out.resize(nk * dv, 0.0);
+                    few_transpose_combine(level, p, nk, g, out);
+                    unsafe { put_rows(out, dv, d.head(bi, hi), d.rs) };
+                }
+                if !(want_q || want_k) {
+                    return;
+                }
+                // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
+                few_scores(level, g, Rows::of(vv, bi, hi, vb), 1.0, ds);
+                softmax_grad_rows(p, ds, nk, scale);
+                if let Some(d) = dq_dest {
+                    // dQ = dS · K
+                    out.resize(nq * dh, 0.0);
+                    few_combine(level, ds, Rows::of(kv, bi, hi, kb), out);
+                    unsafe { put_rows(out, dh, d.head(bi, hi), d.rs) };
+                }
+                if let Some(d) = dk_dest {
+                    // dK = dSᵀ · Q
+                    out.resize(nk * dh, 0.0);
+                    few_transpose_combine(level, ds, nk, Rows::of(qv, bi, hi, a), out);
+                    unsafe { put_rows(out, dh, d.head(bi, hi), d.rs) };
+                }
+                return;
+            }
             // SAFETY (all products): the views address their heads, p and ds are Nq x Nk
             // row-major, and head i owns its Nq x Dh, Nk x Dh and Nk x Dv blocks of the
             // destinations (disjoint between heads, also inside one fused buffer).
@@ -436,11 +617,16 @@ mod tests {
         (out, [g(&q3, track[0]), g(&k3, track[1]), g(&v3, track[2])])
     }
 
-    fn data() -> [TensorData; 4] {
+    /// B = 2, `nq` query rows, Nk = 9, H = 3, Dh = 8.
+    fn data_nq(nq: usize) -> [TensorData; 4] {
         let d = Device::flex();
         let r = |dims: [usize; 3], s: f32| Tensor::<3>::random(dims, Distribution::Normal(0.0, s as f64), &d).into_data();
-        // B = 2, Nq = 17 (the extension takes 16 query rows and more), Nk = 9, H = 3, Dh = 8.
-        [r([2, 17, 24], 1.5), r([2, 9, 24], 1.5), r([2, 9, 24], 1.0), r([2, 17, 24], 1.0)]
+        [r([2, nq, 24], 1.5), r([2, 9, 24], 1.5), r([2, 9, 24], 1.0), r([2, nq, 24], 1.0)]
+    }
+
+    /// Nq = 17: the per-head `gemm` path (16 query rows and more).
+    fn data() -> [TensorData; 4] {
+        data_nq(17)
     }
 
     fn close(a: &[f32], b: &[f32], what: &str) {
@@ -474,10 +660,67 @@ mod tests {
         let (v_nd, _) = run(&Device::ndarray(), &data, [false; 3], None);
         close(&v_plain, &v_nd, "value without autodiff");
         close(&v_plain, &v_ref, "value without autodiff vs with");
-        // The route: the extension from 16 query rows per head, Burn's ops below.
+        // The route: the extension for any number of query rows on Flex in f32.
         let t = |nq: usize| Tensor::<4>::random([1, 2, nq, 4], Distribution::Default, &Device::flex());
         assert!(crate::ops::flex_attention(t(16), t(9), t(9)).is_ok());
-        assert!(crate::ops::flex_attention(t(15), t(9), t(9)).is_err());
+        assert!(crate::ops::flex_attention(t(1), t(9), t(9)).is_ok());
+    }
+
+    /// The few-row path (fewer than 16 query rows per head: VQT's queries), on strided and
+    /// transposed views, against Burn's composed ops: value and every gradient, alone and together.
+    #[test]
+    #[allow(deprecated)] // Device::ndarray: the composed reference path
+    fn few_query_rows_match_the_composed_ops_in_value_and_gradient() {
+        for nq in [1, 3, 15] {
+            let data = data_nq(nq);
+            let all = [true, true, true];
+            let (v_ref, g_ref) = run(&Device::ndarray().autodiff(), &data, all, None);
+            let (v, g) = run(&Device::flex().autodiff(), &data, all, None);
+            close(&v, &v_ref, &format!("value, nq {nq}"));
+            for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+                close(g[i].as_ref().unwrap(), g_ref[i].as_ref().unwrap(), &format!("{name}, nq {nq}"));
+            }
+            for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+                let mut track = [false; 3];
+                track[i] = true;
+                let (_, g) = run(&Device::flex().autodiff(), &data, track, None);
+                close(g[i].as_ref().unwrap(), g_ref[i].as_ref().unwrap(), &format!("{name} alone, nq {nq}"));
+            }
+            let (v_plain, _) = run(&Device::flex(), &data, [false; 3], None);
+            close(&v_plain, &v_ref, &format!("value without autodiff, nq {nq}"));
+            // Same bits on a second run.
+            assert_eq!(run(&Device::flex().autodiff(), &data, all, None), (v, g));
+        }
+    }
+
+    #[test]
+    fn the_few_row_loops_give_the_same_bits_on_every_vector_loop() {
+        use super::{few_combine, few_scores, few_transpose_combine, Rows, Simd};
+        let x: Vec<f32> = (0..3 * 70).map(|i| (((i * 37) % 101) as f32 - 50.0) * 0.013).collect();
+        let y: Vec<f32> = (0..5 * 70).map(|i| (((i * 53) % 97) as f32 - 48.0) * 0.021).collect();
+        let (a, b) = (Rows::dense(&x, 70), Rows::dense(&y, 70));
+        let outs = |level: Simd| {
+            let mut s = vec![0f32; 15];
+            few_scores(level, a, b, 0.125, &mut s);
+            let mut c = vec![0f32; 3 * 70];
+            few_combine(level, &s, b, &mut c);
+            let mut t = vec![0f32; 5 * 70];
+            few_transpose_combine(level, &s, 5, a, &mut t);
+            (s, c, t)
+        };
+        let base = outs(Simd::Baseline);
+        // Against a plain f64 reference.
+        for i in 0..3 {
+            for j in 0..5 {
+                let r: f64 = (0..70).map(|k| x[i * 70 + k] as f64 * y[j * 70 + k] as f64).sum::<f64>() * 0.125;
+                assert!((base.0[i * 5 + j] as f64 - r).abs() < 1e-5, "score ({i}, {j})");
+            }
+        }
+        for level in [Simd::Avx2, Simd::Avx512] {
+            if super::super::cpu::has(level) {
+                assert_eq!(outs(level), base, "{level:?} differs from the baseline loop");
+            }
+        }
     }
 
     /// Self-attention of a fused projection read in place, against the three parts split apart

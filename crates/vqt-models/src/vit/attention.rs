@@ -139,9 +139,10 @@ impl Attention {
 
     /// `softmax(q·kᵀ/√Dh)·v` with heads merged: `[B, H, Nq, Dh]` x `[B, H, Nk, Dh]` -> `[B, Nq, D]`.
     ///
-    /// On Flex in f32 (the `cpu` backend, with or without autodiff) with 16 query rows per head
-    /// and more, this is [`crate::ops::attention::FastAttention`]: per (image, head) one task running both
-    /// products on the strided head views, the softmax in place, and a backward node of its own.
+    /// On Flex in f32 (the `cpu` backend, with or without autodiff) this is
+    /// [`crate::ops::attention::FastAttention`]: per (image, head) one task running both products
+    /// on the strided head views (`gemm` calls from 16 query rows per head, vector loops below:
+    /// VQT's queries), the softmax in place, and a backward node of its own.
     /// Elsewhere: Burn's fused `attention` op without autodiff, and under autodiff the same
     /// arithmetic composed from matmul and softmax (which is what Burn's autodiff does with
     /// `attention` anyway).
