@@ -62,6 +62,11 @@ pub struct StepReport {
     pub cache_dtype: Option<CacheDtype>,
     /// For `vqt-cached`: images in the cache.
     pub cache_images: Option<usize>,
+    /// For `vqt-cached`: how a step reads the batch's keys and values from the cache:
+    /// `in-place` (the attention reads the cache's memory) or `gather` (copied into batch
+    /// tensors first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read: Option<String>,
     /// For `vqt-cached`: host bytes the cache holds (not part of `rss_train_bytes`, which starts
     /// after the cache is built).
     pub cache_bytes: Option<usize>,
@@ -206,6 +211,7 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
     let mut times = Vec::new();
     let mut phases: Vec<[f64; 3]> = Vec::new();
     let mut gathers: Vec<f64> = Vec::new();
+    let mut cache_read: Option<String> = None;
     let mut device_peak: Option<u64> = None;
     let sample = |device_peak: &mut Option<u64>| {
         if let Some(u) = pool_bytes(&plain) {
@@ -269,7 +275,11 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
         for (i, x) in images.iter().enumerate() {
             let t0 = Instant::now();
             let input = match &cache {
-                Some((c, _)) => TrunkInput::Cached(c.batch(&model.backbone, &(i * b..(i + 1) * b).collect::<Vec<_>>(), &ad)),
+                Some((c, _)) => {
+                    let t = c.batch(&model.backbone, &(i * b..(i + 1) * b).collect::<Vec<_>>(), &ad);
+                    cache_read = Some(if t.rows.is_some() { "in-place" } else { "gather" }.into());
+                    TrunkInput::Cached(t)
+                }
                 None => TrunkInput::Images(x.clone()),
             };
             if cache.is_some() && i >= o.warmup {
@@ -324,6 +334,7 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
         cache_floor_100_epochs: method.cached().then(|| cache_floor(&o.vit, 1)),
         cache_dtype: method.cached().then_some(o.cache_dtype),
         cache_images,
+        cache_read,
         cache_bytes,
         load_avg: load_avg(),
         allocator: vqt_core::mem::allocator_in_effect().into(),
@@ -413,7 +424,11 @@ pub fn markdown(reports: &[StepReport]) -> String {
             s += &format!(
                 "Its step, phase by phase (medians): forward {:.1} ms{}, backward {:.1} ms, optimizer {:.1} ms.\n",
                 p.forward_ms,
-                p.cache_gather_ms.map(|g| format!(" (of which {g:.1} ms gathering the batch's keys and values from the cache)")).unwrap_or_default(),
+                match (p.cache_gather_ms, r.cache_read.as_deref()) {
+                    (Some(g), Some("in-place")) => format!(" (the batch's keys and values read in place from the cache, no copy; preparing the batch: {g:.1} ms)"),
+                    (Some(g), _) => format!(" (of which {g:.1} ms gathering the batch's keys and values from the cache)"),
+                    (None, _) => String::new(),
+                },
                 p.backward_ms,
                 p.optimizer_ms
             );
@@ -460,7 +475,10 @@ mod tests {
         assert_eq!(r.phases, None, "a report without phases (written before them) still reads");
         assert!(!markdown(std::slice::from_ref(&r)).contains("phase by phase"));
         r.phases = Some(Phases { cache_gather_ms: Some(40.0), ..p });
-        let md = markdown(&[r]);
+        let md = markdown(std::slice::from_ref(&r));
         assert!(md.contains("forward 20.0 ms (of which 40.0 ms gathering the batch's keys and values from the cache), backward 70.0 ms"), "{md}");
+        r.cache_read = Some("in-place".into());
+        let md = markdown(std::slice::from_ref(&r));
+        assert!(md.contains("forward 20.0 ms (the batch's keys and values read in place from the cache, no copy; preparing the batch: 40.0 ms)"), "{md}");
     }
 }

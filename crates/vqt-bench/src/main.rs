@@ -189,6 +189,11 @@ enum Command {
         /// heads in place with one gradient for the fused output.
         #[arg(long, value_parser = ["packed", "split"], default_value = "packed")]
         flex_qkv: String,
+        /// A/B switch for `vqt-cached` on the `cpu` backend: `gather` copies each batch's keys and
+        /// values out of the feature cache into batch tensors, instead of the query side's
+        /// attention reading them in place.
+        #[arg(long, value_parser = ["in-place", "gather"], default_value = "in-place")]
+        cache_read: String,
         #[command(flatten)]
         shape: Shape,
     },
@@ -502,7 +507,8 @@ fn run() -> Result<()> {
             print!("{md}");
             Ok(())
         }
-        Command::Step { method, flex_gelu, flex_attention, flex_linear, flex_layer_norm, flex_qkv, shape } => {
+        Command::Step { method, flex_gelu, flex_attention, flex_linear, flex_layer_norm, flex_qkv, cache_read, shape } => {
+            vqt_models::cache::use_gathered_batches(cache_read == "gather");
             vqt_models::ops::use_split_qkv(flex_qkv == "split");
             vqt_models::ops::use_burn_flex_layer_norm(flex_layer_norm == "burn");
             vqt_models::ops::use_burn_flex_gelu(flex_gelu == "burn");

@@ -35,7 +35,9 @@ pub enum CacheDtype {
 
 #[derive(Debug, Clone)]
 enum Store {
-    F32(Vec<f32>),
+    /// Shared with the whole-layer tensors attention reads in place ([`FeatureCache::batch`]);
+    /// written only while the cache is built.
+    F32(std::sync::Arc<Vec<f32>>),
     F16(Vec<half::f16>),
     /// A section of a memory-mapped cache file: `elems` values of `dtype` at byte `offset`.
     Mapped { map: std::sync::Arc<memmap2::Mmap>, offset: usize, elems: usize, dtype: CacheDtype },
@@ -44,14 +46,14 @@ enum Store {
 impl Store {
     fn new(dtype: CacheDtype) -> Self {
         match dtype {
-            CacheDtype::F32 => Store::F32(Vec::new()),
+            CacheDtype::F32 => Store::F32(Default::default()),
             CacheDtype::F16 => Store::F16(Vec::new()),
         }
     }
 
     fn extend(&mut self, values: &[f32]) {
         match self {
-            Store::F32(v) => v.extend_from_slice(values),
+            Store::F32(v) => std::sync::Arc::get_mut(v).expect("a cache is extended only while it is built").extend_from_slice(values),
             Store::F16(v) => v.extend(values.iter().map(|&x| half::f16::from_f32(x))),
             Store::Mapped { .. } => unreachable!("mapped caches are read-only"),
         }
@@ -82,6 +84,29 @@ impl Store {
                     }
                 }
             }
+        }
+    }
+
+    /// The stored values as bytes shared with this store (no copy), where they are f32 (in
+    /// RAM or mapped); `None` for f16.
+    fn shared_f32(&self) -> Option<bytes::Bytes> {
+        struct InRam(std::sync::Arc<Vec<f32>>);
+        impl AsRef<[u8]> for InRam {
+            fn as_ref(&self) -> &[u8] {
+                bytemuck_f32(&self.0)
+            }
+        }
+        struct Section(std::sync::Arc<memmap2::Mmap>, std::ops::Range<usize>);
+        impl AsRef<[u8]> for Section {
+            fn as_ref(&self) -> &[u8] {
+                &self.0[self.1.clone()]
+            }
+        }
+        match self {
+            Store::F32(v) => Some(bytes::Bytes::from_owner(InRam(v.clone()))),
+            // Sections start 64-byte aligned in the file, and the map at a page.
+            Store::Mapped { map, offset, elems, dtype: CacheDtype::F32 } => Some(bytes::Bytes::from_owner(Section(map.clone(), *offset..*offset + elems * 4))),
+            _ => None,
         }
     }
 
@@ -193,6 +218,9 @@ pub struct FeatureCache {
     values: Vec<Store>,
     /// `[len, D]`.
     cls: Store,
+    /// Per layer, keys and values as `[len, H, N, Dh]` Flex tensors sharing the stores' memory
+    /// (made on the first batch that reads them in place; `None` where the stores are f16).
+    in_place: std::sync::OnceLock<Option<Vec<(Tensor<4>, Tensor<4>)>>>,
 }
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -217,6 +245,7 @@ impl FeatureCache {
             layers: (0..depth).map(|_| Store::new(dtype)).collect(),
             values: (0..if kind == CacheKind::Kv { depth } else { 0 }).map(|_| Store::new(dtype)).collect(),
             cls: Store::new(dtype),
+            in_place: Default::default(),
         };
         for images in batches {
             let images = images.without_autodiff();
@@ -350,16 +379,49 @@ impl FeatureCache {
         if crc32fast::hash(&map[payload..offset]) != stored {
             return Err(fmt("the payload does not match its CRC-32 (damaged or overwritten): delete it or pass another path to rebuild".into()));
         }
-        Ok(FeatureCache { layout: l, layers, values, cls })
+        Ok(FeatureCache { layout: l, layers, values, cls, in_place: Default::default() })
+    }
+
+    /// Per layer, the whole stored keys and values as Flex tensors `[len, H, N, Dh]` sharing the
+    /// stores' memory, or `None` (f16 storage, a `hidden` cache).
+    fn in_place(&self) -> Option<&Vec<(Tensor<4>, Tensor<4>)>> {
+        self.in_place
+            .get_or_init(|| {
+                let l = self.layout;
+                if l.kind != CacheKind::Kv {
+                    return None;
+                }
+                let device = Device::flex();
+                let tensor = |store: &Store| -> Option<Tensor<4>> {
+                    let shared = burn::tensor::Bytes::from_shared(store.shared_f32()?, burn::tensor::AllocationProperty::Other);
+                    let data = TensorData::from_bytes(shared, [l.len, l.heads, l.tokens, l.dim / l.heads], burn::tensor::DType::F32);
+                    Some(Tensor::from_data(data, &device))
+                };
+                self.layers.iter().zip(&self.values).map(|(k, v)| Some((tensor(k)?, tensor(v)?))).collect()
+            })
+            .as_ref()
     }
 
     /// The trunk outputs of dataset rows `rows`, as plain (non-autodiff) tensors on `device`.
     /// For `hidden` caches, K/V are recomputed from the stored states with `vit`'s frozen blocks.
+    ///
+    /// On the `cpu` (Flex) backend an f32 `kv` cache is not copied at all: the batch's
+    /// [`TrunkKv`] holds every layer's whole keys and values (tensors sharing the cache's memory,
+    /// in RAM or mapped) with the batch's `rows` ([`TrunkKv::rows()`]), and the query side's
+    /// attention reads each image's rows in place. Elsewhere (f16, `hidden`, other backends, or
+    /// [`use_gathered_batches`]) the rows are gathered into batch tensors.
     pub fn batch(&self, vit: &Vit, rows: &[usize], device: &Device) -> TrunkKv {
         let l = self.layout;
         assert!(rows.iter().all(|&r| r < l.len), "cache row out of range");
         let device = device.clone().without_autodiff();
         let (b, n, d, h) = (rows.len(), l.tokens, l.dim, l.heads);
+        if crate::ops::is_flex(&device) && !GATHER.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(layers) = self.in_place() {
+                let mut cls = Vec::with_capacity(b * d);
+                self.cls.gather(rows, d, &mut cls);
+                return TrunkKv { kv: layers.clone(), cls: Tensor::from_data(TensorData::new(cls, [b, d]), &device), rows: Some(std::sync::Arc::new(rows.to_vec())) };
+            }
+        }
         // Every stored tensor's rows are gathered across the threads first (a memory-bound copy:
         // 153 MB per step at ViT-S/14 112 px batch 128, 1.8 GB at ViT-B/16 224 px), then made
         // tensors in order.
@@ -384,6 +446,16 @@ impl FeatureCache {
             .collect();
         let mut cls = Vec::with_capacity(b * d);
         self.cls.gather(rows, d, &mut cls);
-        TrunkKv { kv, cls: Tensor::from_data(TensorData::new(cls, [b, d]), &device) }
+        TrunkKv { kv, cls: Tensor::from_data(TensorData::new(cls, [b, d]), &device), rows: None }
     }
+}
+
+static GATHER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For A/B measurements and tests (`vqt-bench step --cache-read gather`): `true` makes
+/// [`FeatureCache::batch`] gather every batch's keys and values into batch tensors on the `cpu`
+/// backend too, instead of handing the cache's layers over to be read in place, for the rest of
+/// the process.
+pub fn use_gathered_batches(on: bool) {
+    GATHER.store(on, std::sync::atomic::Ordering::Relaxed);
 }

@@ -165,6 +165,7 @@ impl TrunkModel {
             TrunkInput::Cached(t) => TrunkKv {
                 kv: t.kv.into_iter().map(|(k, v)| (k.without_autodiff(), v.without_autodiff())).collect(),
                 cls: t.cls.without_autodiff(),
+                rows: t.rows,
             },
         }
     }

@@ -149,6 +149,20 @@ pub fn flex_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<Tensor
     Ok(attention::attention_flex(q, k, v, scale))
 }
 
+/// [`flex_attention`] of `q: [B, H, Nq, Dh]` over keys and values `k, v: [N, H, Nk, ·]` that hold
+/// more images than the batch (the feature cache's whole layer, shared, not copied): image `b`
+/// reads their row `rows[b]`. `Err` with the inputs back where the extension does not apply
+/// (another backend or dtype, or the A/B switch [`use_burn_flex_attention`] set): the caller
+/// then gathers the rows and attends as usual.
+pub fn flex_attention_rows(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, rows: &[usize]) -> Result<Tensor<4>, (Tensor<4>, Tensor<4>, Tensor<4>)> {
+    let f32s = [q.dtype(), k.dtype(), v.dtype()].iter().all(|d| *d == burn::tensor::DType::F32);
+    if !is_flex(&q.device()) || !f32s || BURN_FLEX_ATTENTION.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err((q, k, v));
+    }
+    let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+    Ok(attention::attention_rows_flex(q, k, v, rows, scale))
+}
+
 /// Self-attention of a fused projection `qkv: [B, N, 3·H·Dh]` (timm's fused qkv output) with
 /// `heads` heads, `[B, H, N, Dh]`, through [`attention::FastAttention::fast_attention_packed`]
 /// on Flex in f32: the heads are read where the projection wrote them and, under autodiff, the

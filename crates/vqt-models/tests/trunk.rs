@@ -114,12 +114,21 @@ fn initial_model(vqt: bool) -> (TrunkModel, Tensor<4>) {
     (TrunkModel::new(vit, method), data)
 }
 
-fn train_losses(mut model: TrunkModel, data: &Tensor<4>, cached: Option<(CacheKind, CacheDtype)>) -> Vec<f32> {
+/// The loss of six training steps, from images or from a feature cache of `(kind, dtype)`
+/// (memory-mapped from a file when `mapped`).
+fn train_losses(mut model: TrunkModel, data: &Tensor<4>, cached: Option<(CacheKind, CacheDtype)>, mapped: bool) -> Vec<f32> {
     let plain = Device::flex();
     let ad = plain.clone().autodiff();
     let cache = cached.map(|(kind, dtype)| {
         let batches = (0..4).map(|i| data.clone().narrow(0, 2 * i, 2)); // built in other batch sizes than used
-        FeatureCache::build(&model.backbone, batches, kind, dtype, |_| {})
+        let c = FeatureCache::build(&model.backbone, batches, kind, dtype, |_| {});
+        if !mapped {
+            return c;
+        }
+        let path = std::env::temp_dir().join(format!("vqt-train-cache-{}-{kind:?}-{dtype:?}.cache", std::process::id()));
+        let key = serde_json::json!({"test": "train_losses"});
+        c.save(&path, &key).unwrap();
+        FeatureCache::open(&path, &key).unwrap()
     });
     let mut optim = AdamConfig::new().init();
     let mut losses = Vec::new();
@@ -147,16 +156,19 @@ fn cached_and_uncached_training_give_the_same_loss_curve() {
     for vqt in [false, true] {
         let name = if vqt { "vqt" } else { "synqt" };
         let (model, data) = initial_model(vqt);
-        let direct = train_losses(model.clone(), &data, None);
-        for (mode, tol) in [
-            ((CacheKind::Kv, CacheDtype::F32), 1e-5),
-            ((CacheKind::Hidden, CacheDtype::F32), 1e-5),
-            ((CacheKind::Kv, CacheDtype::F16), 5e-3),
+        let direct = train_losses(model.clone(), &data, None, false);
+        // Kv f32 (in RAM and mapped): the attention reads the cache in place; hidden and f16:
+        // the batch is gathered (and, for hidden, its keys and values recomputed).
+        for (mode, mapped, tol) in [
+            ((CacheKind::Kv, CacheDtype::F32), false, 1e-5),
+            ((CacheKind::Kv, CacheDtype::F32), true, 1e-5),
+            ((CacheKind::Hidden, CacheDtype::F32), false, 1e-5),
+            ((CacheKind::Kv, CacheDtype::F16), false, 5e-3),
         ] {
-            let cached = train_losses(model.clone(), &data, Some(mode));
+            let cached = train_losses(model.clone(), &data, Some(mode), mapped);
             assert_eq!(cached.len(), direct.len());
             for (i, (a, b)) in direct.iter().zip(&cached).enumerate() {
-                assert!((a - b).abs() <= tol, "{name} {mode:?} step {i}: direct {a} vs cached {b}");
+                assert!((a - b).abs() <= tol, "{name} {mode:?} (mapped: {mapped}) step {i}: direct {a} vs cached {b}");
             }
         }
         // The curve moves: a cache that returned the same batch every time would not match this.
@@ -252,10 +264,27 @@ fn cache_file_round_trip_and_errors() {
         assert_eq!((mapped.len(), mapped.bytes(), mapped.kind(), mapped.dtype()), (6, mem.bytes(), kind, dtype));
         let rows = [5, 0, 3];
         let (a, b) = (mem.batch(&vit, &rows, &plain), mapped.batch(&vit, &rows, &plain));
-        assert!(HostTensor::from_tensor(a.cls) == HostTensor::from_tensor(b.cls));
-        for ((ka, va), (kb, vb)) in a.kv.into_iter().zip(b.kv) {
-            assert!(HostTensor::from_tensor(ka) == HostTensor::from_tensor(kb));
-            assert!(HostTensor::from_tensor(va) == HostTensor::from_tensor(vb));
+        // An f32 kv cache, in RAM or mapped, is read in place on Flex: whole layers and the rows.
+        let in_place = kind == CacheKind::Kv && dtype == CacheDtype::F32;
+        for t in [&a, &b] {
+            assert_eq!(t.rows(), in_place.then_some(&rows[..]));
+            assert_eq!(t.kv[0].0.dims()[0], if in_place { 6 } else { 3 });
+        }
+        // Each layer's batch keys and values: the same from RAM and from the file, and (K/V
+        // kind) those of a trunk pass over the same three images.
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [3]), &plain);
+        let direct = vit.forward_kv(data.clone().select(0, idx));
+        assert!(HostTensor::from_tensor(a.cls.clone()) == HostTensor::from_tensor(b.cls.clone()));
+        for m in 0..vit.depth() {
+            let ((ka, va), (kb, vb)) = (a.layer(m), b.layer(m));
+            assert_eq!(ka.dims()[0], 3);
+            assert!(HostTensor::from_tensor(ka.clone()) == HostTensor::from_tensor(kb));
+            assert!(HostTensor::from_tensor(va.clone()) == HostTensor::from_tensor(vb));
+            if kind == CacheKind::Kv {
+                let (kd, vd) = direct.kv[m].clone();
+                let close = |x: Tensor<4>, y: Tensor<4>| (x - y).abs().max().into_scalar::<f32>() < 1e-5;
+                assert!(close(ka, kd) && close(va, vd), "layer {m}: cached keys/values differ from the trunk pass");
+            }
         }
         // Another input: the message names the field that differs, in one line.
         let other = serde_json::json!({"checkpoint": "sha256:def", "img_size": 16, "normalization": "imagenet"});

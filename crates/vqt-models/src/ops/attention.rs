@@ -48,6 +48,11 @@ pub trait FastAttention: Backend {
     /// parts are neither copied apart in the forward nor gathered back (zero-filled and
     /// summed, as slicing's backward would) in the backward.
     fn fast_attention_packed(qkv: FloatTensor<Self>, heads: usize, scale: f32) -> FloatTensor<Self>;
+    /// [`FastAttention::fast_attention`] of `q: [B, H, Nq, Dh]` over keys and values read in
+    /// place from larger tensors `k, v: [N, H, Nk, ·]` (the feature cache's whole layer):
+    /// image `b` of the batch reads their row `rows[b]`. The keys and values are constants
+    /// (only `q` has a gradient), so nothing of the cache is copied, forward or backward.
+    fn fast_attention_rows(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, rows: Vec<usize>, scale: f32) -> FloatTensor<Self>;
 }
 
 impl FastAttention for Flex {
@@ -56,6 +61,9 @@ impl FastAttention for Flex {
     }
     fn fast_attention_packed(qkv: FloatTensor<Self>, heads: usize, scale: f32) -> FloatTensor<Self> {
         forward_packed(&qkv, heads, scale, false).0
+    }
+    fn fast_attention_rows(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, rows: Vec<usize>, scale: f32) -> FloatTensor<Self> {
+        forward_rows(&q, &k, &v, &rows, scale, false).0
     }
 }
 
@@ -135,6 +143,39 @@ impl<C: CheckpointStrategy> FastAttention for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(forward_packed(qkv.primitive(), heads, scale, false).0),
         }
     }
+
+    fn fast_attention_rows(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, rows: Vec<usize>, scale: f32) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RowsNode;
+
+        impl Backward<Flex, 1> for RowsNode {
+            type State = (NodeId, FlexTensor, FlexTensor, Vec<usize>, Probs, f32);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let [node_q] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                let (q_state, k, v, rows, probs, scale) = ops.state;
+                let q: FlexTensor = checkpointer.retrieve_node_output(q_state);
+                if let Some(node) = node_q {
+                    grads.register::<Flex>(node.id, backward_rows(&q, &k, &v, &rows, &probs.0, &grad, scale));
+                }
+            }
+        }
+
+        // The cached keys and values are constants: the node's only parent is q, and they are
+        // kept as plain tensors (shared, not copied).
+        assert!(!k.is_tracked() && !v.is_tracked(), "attention over cached rows: the keys and values must not require gradients");
+        let (k, v) = (k.primitive().clone(), v.primitive().clone());
+        match RowsNode.prepare::<C>([q.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let q_state = prep.checkpoint(&q);
+                let (out, probs) = forward_rows(q.primitive(), &k, &v, &rows, scale, true);
+                let probs = Probs(std::sync::Arc::new(probs.expect("kept when asked")));
+                prep.finish((q_state, k, v, rows, probs, scale), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward_rows(q.primitive(), &k, &v, &rows, scale, false).0),
+        }
+    }
 }
 
 /// A strided 4-D f32 view `[B, H, rows, cols]`: its buffer, the element offset of its origin
@@ -144,6 +185,9 @@ struct View<'a> {
     start: isize,
     strides: [isize; 4],
     dims: [usize; 4],
+    /// Where given, batch index `b` reads the tensor's row `rows[b]` (and `dims[0]` is
+    /// `rows.len()`): a batch read in place from a larger tensor.
+    rows: Option<&'a [usize]>,
 }
 
 impl<'a> View<'a> {
@@ -157,7 +201,24 @@ impl<'a> View<'a> {
             start: layout.start_offset() as isize,
             strides: [s[0], s[1], s[2], s[3]],
             dims: [shape[0], shape[1], shape[2], shape[3]],
+            rows: None,
         }
+    }
+
+    /// The rows `rows` of `t: [N, H, rows, cols]` as a batch `[rows.len(), H, rows, cols]`.
+    fn of_rows(t: &'a FlexTensor, what: &str, rows: &'a [usize]) -> Self {
+        let mut view = Self::of(t, what);
+        let n = view.dims[0];
+        assert!(rows.iter().all(|&r| r < n), "attention: a row of {what} out of range (it has {n})");
+        view.dims[0] = rows.len();
+        view.rows = Some(rows);
+        view
+    }
+
+    /// The offset of head `(b, h)`'s first element.
+    fn head_offset(&self, b: usize, h: usize) -> isize {
+        let b = self.rows.map_or(b, |r| r[b]);
+        self.start + b as isize * self.strides[0] + h as isize * self.strides[1]
     }
 
     /// Part `part` (0 = q, 1 = k, 2 = v) of a fused projection `[B, N, 3·H·Dh]` as the view
@@ -175,12 +236,13 @@ impl<'a> View<'a> {
             start: layout.start_offset() as isize + (part * heads * dh) as isize * s[2],
             strides: [s[0], dh as isize * s[2], s[1], s[2]],
             dims: [b, heads, n, dh],
+            rows: None,
         }
     }
 
     /// Pointer to head `(b, h)`'s first element.
     fn head(&self, b: usize, h: usize) -> *const f32 {
-        let off = self.start + b as isize * self.strides[0] + h as isize * self.strides[1];
+        let off = self.head_offset(b, h);
         debug_assert!(off >= 0 && (off as usize) < self.data.len().max(1));
         // SAFETY: the offset addresses an element of the view, which lies inside `data`.
         unsafe { self.data.as_ptr().offset(off) }
@@ -233,6 +295,22 @@ fn forward_packed(qkv: &FlexTensor, heads: usize, scale: f32, keep: bool) -> (Fl
     assert!(qkv.dtype() == DType::F32, "attention: f32 only (the caller routes other dtypes to Burn)");
     let [q, k, v] = [0, 1, 2].map(|part| View::packed(qkv, heads, part));
     forward_views(&q, &k, &v, scale, keep)
+}
+
+/// [`forward`] over the rows `rows` of larger keys and values `[N, H, Nk, ·]`, read in place.
+fn forward_rows(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, rows: &[usize], scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
+    assert!(q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32, "attention: f32 only (the caller routes other dtypes to Burn)");
+    forward_views(&View::of(q, "q"), &View::of_rows(k, "k", rows), &View::of_rows(v, "v", rows), scale, keep)
+}
+
+/// The gradient of `q` for [`forward_rows`] (the keys and values are constants).
+fn backward_rows(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, rows: &[usize], probs: &[f32], grad: &FlexTensor, scale: f32) -> FlexTensor {
+    let (qv, kv, vv) = (View::of(q, "q"), View::of_rows(k, "k", rows), View::of_rows(v, "v", rows));
+    let (b, h, nq, _, dh, _) = checked_dims(&qv, &kv, &vv);
+    let mut dq = vec![0f32; b * h * nq * dh];
+    let dest = Dest { ptr: SendPtr(dq.as_mut_ptr()), base: 0, sb: h * nq * dh, sh: nq * dh, rs: dh };
+    backward_views(&qv, &kv, &vv, probs, &View::of(grad, "grad"), scale, [Some(dest), None, None]);
+    FlexTensor::from_data(TensorData::new(dq, [b, h, nq, dh]))
 }
 
 fn forward_views(qv: &View, kv: &View, vv: &View, scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
@@ -310,7 +388,7 @@ impl<'a> Rows<'a> {
     fn of(view: &'a View, b: usize, h: usize, buf: &'a mut Vec<f32>) -> Self {
         let [_, _, rows, cols] = view.dims;
         let (rs, cs) = (view.rs(), view.cs());
-        let off = view.start + b as isize * view.strides[0] + h as isize * view.strides[1];
+        let off = view.head_offset(b, h);
         if rows == 0 || cols == 0 {
             return Rows { data: &[], rs: cols, rows, cols };
         }
@@ -571,6 +649,12 @@ pub(crate) fn attention_flex(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f3
     Tensor::from_dispatch(<Dispatch as FastAttention>::fast_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), scale))
 }
 
+/// Attention of `q: [B, H, Nq, Dh]` over the rows `rows` of `k, v: [N, H, Nk, ·]` through the
+/// extension (read in place): `[B, H, Nq, Dv]`.
+pub(crate) fn attention_rows_flex(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, rows: &[usize], scale: f32) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FastAttention>::fast_attention_rows(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), rows.to_vec(), scale))
+}
+
 /// Self-attention of a fused projection `[B, N, 3·H·Dh]` through the extension: `[B, H, N, Dh]`.
 pub(crate) fn attention_packed_flex(qkv: Tensor<3>, heads: usize, scale: f32) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as FastAttention>::fast_attention_packed(qkv.into_dispatch(), heads, scale))
@@ -690,6 +774,43 @@ mod tests {
             close(&v_plain, &v_ref, &format!("value without autodiff, nq {nq}"));
             // Same bits on a second run.
             assert_eq!(run(&Device::flex().autodiff(), &data, all, None), (v, g));
+        }
+    }
+
+    /// Attention over rows of larger keys and values read in place (the feature cache's whole
+    /// layer) equals attention over the gathered rows, in value and in the gradient of q.
+    #[test]
+    #[allow(deprecated)] // Device::ndarray: the composed reference path
+    fn attention_over_cached_rows_matches_the_gathered_rows() {
+        use burn::tensor::Int;
+        let rows = [4usize, 1, 4];
+        let d = Device::flex();
+        for nq in [1, 17] {
+            let r = |dims: [usize; 4]| Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.5), &d).into_data();
+            let (qd, kd, vd, wd) = (r([3, 2, nq, 8]), r([5, 2, 9, 8]), r([5, 2, 9, 8]), r([3, nq, 2, 8]));
+            let run = |device: &Device, in_place: bool| {
+                let q = Tensor::<4>::from_data(qd.clone(), device).require_grad();
+                let (k, v) = (Tensor::<4>::from_data(kd.clone(), device), Tensor::<4>::from_data(vd.clone(), device));
+                let o = if in_place {
+                    crate::vit::merge_heads(crate::ops::flex_attention_rows(q.clone(), k, v, &rows).map_err(|_| "applies on Flex").unwrap())
+                } else {
+                    let idx = Tensor::<1, Int>::from_data(TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [3]), device);
+                    Attention::attend(q.clone(), k.select(0, idx.clone()), v.select(0, idx))
+                };
+                let w = Tensor::<4>::from_data(wd.clone(), device).reshape([3, nq, 16]);
+                let grads = (o.clone() * w).sum().backward();
+                let dq: Vec<f32> = q.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+                (o.into_data().try_to_vec::<f32>().unwrap(), dq)
+            };
+            let (v_ref, g_ref) = run(&Device::ndarray().autodiff(), false);
+            let (v, g) = run(&d.clone().autodiff(), true);
+            close(&v, &v_ref, &format!("value, nq {nq}"));
+            close(&g, &g_ref, &format!("dq, nq {nq}"));
+            // Without autodiff, and through Attention::attend_rows.
+            let q = Tensor::<4>::from_data(qd.clone(), &d);
+            let (k, v4) = (Tensor::<4>::from_data(kd.clone(), &d), Tensor::<4>::from_data(vd.clone(), &d));
+            let plain: Vec<f32> = Attention::attend_rows(q, k, v4, Some(&rows)).into_data().try_to_vec().unwrap();
+            close(&plain, &v_ref, &format!("value without autodiff, nq {nq}"));
         }
     }
 

@@ -287,7 +287,7 @@ impl Synqt {
             let z = self.qsm_block[i].forward(self.prompt_ffn[i].forward(prompt));
             let h_hat = self.prompt_drop.forward(z);
             let dp = &self.kem_drop_path[i];
-            let f_att = dp.forward(block.query_attn_branch(h_hat.clone(), k.clone(), v.clone()));
+            let f_att = dp.forward(block.query_attn_branch(h_hat.clone(), k.clone(), v.clone(), trunk.rows()));
             let p = h_hat.clone() + f_att.clone();
             let f_ffn = dp.forward(block.mlp_branch(p.clone()));
             let h = p + f_ffn.clone();

@@ -172,9 +172,26 @@ impl Attention {
         self.project_out(self.attend_fused(self.fused(a), false).0)
     }
 
-    /// Queries `q_tokens: [B, Q, D]` (already normalised) attending to given keys/values,
-    /// through the output projection.
-    pub fn cross(&self, q_tokens: Tensor<3>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
-        self.project_out(Self::attend(self.q(q_tokens), k, v))
+    /// [`Attention::attend`] where `rows` is given: `k, v: [N, H, Nk, ·]` hold more images than
+    /// the batch (the feature cache's whole layer) and image `b` reads their row `rows[b]`. On
+    /// Flex in f32 they are read in place; elsewhere the rows are gathered first.
+    pub fn attend_rows(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, rows: Option<&[usize]>) -> Tensor<3> {
+        let Some(rows) = rows else {
+            return Self::attend(q, k, v);
+        };
+        match crate::ops::flex_attention_rows(q, k, v, rows) {
+            Ok(o) => merge_heads(o),
+            Err((q, k, v)) => {
+                let idx = Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]), &k.device());
+                Self::attend(q, k.select(0, idx.clone()), v.select(0, idx))
+            }
+        }
+    }
+
+    /// Queries `q_tokens: [B, Q, D]` (already normalised) attending to given keys/values (the
+    /// rows `rows` of them where given, [`Attention::attend_rows`]), through the output
+    /// projection.
+    pub fn cross(&self, q_tokens: Tensor<3>, k: Tensor<4>, v: Tensor<4>, rows: Option<&[usize]>) -> Tensor<3> {
+        self.project_out(Self::attend_rows(self.q(q_tokens), k, v, rows))
     }
 }

@@ -116,15 +116,17 @@ impl Block {
 
     /// The attention residual branch for query tokens `p: [B, Q, D]` that read given trunk
     /// keys/values and are not keys themselves: `ls1(proj(softmax(q(LN1 p)·Kᵀ/√Dh)·V))`.
-    pub fn query_attn_branch(&self, p: Tensor<3>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
-        self.attn_out(self.attn.cross(self.norm1_out(p), k, v))
+    /// With `rows`, `k` and `v` are the feature cache's whole layer and image `b` reads row
+    /// `rows[b]` ([`TrunkKv::rows`](crate::vit::TrunkKv)).
+    pub fn query_attn_branch(&self, p: Tensor<3>, k: Tensor<4>, v: Tensor<4>, rows: Option<&[usize]>) -> Tensor<3> {
+        self.attn_out(self.attn.cross(self.norm1_out(p), k, v, rows))
     }
 
     /// Query tokens through this block (VQT): they attend only to the trunk keys/values `k, v`
     /// of this layer, then take both residuals and the MLP like any token (with every per-token
     /// tuner of the block, methods.md §6).
-    pub fn query_forward(&self, p: Tensor<3>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
-        let u = p.clone() + self.query_attn_branch(p, k, v);
+    pub fn query_forward(&self, p: Tensor<3>, k: Tensor<4>, v: Tensor<4>, rows: Option<&[usize]>) -> Tensor<3> {
+        let u = p.clone() + self.query_attn_branch(p, k, v, rows);
         u.clone() + self.mlp_branch(u)
     }
 }

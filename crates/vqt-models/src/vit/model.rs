@@ -49,6 +49,30 @@ pub struct TrunkKv {
     pub kv: Vec<(Tensor<4>, Tensor<4>)>,
     /// `LN_final(Z_L)[:, 0]`.
     pub cls: Tensor<2>,
+    /// `None`: `kv` holds the batch's keys and values. `Some(rows)`: `kv` holds a whole feature
+    /// cache layer `[N, H, N_tokens, Dh]`, shared with the cache, and image `b` of the batch is
+    /// its row `rows[b]` (read in place by the query side's attention, never copied).
+    pub rows: Option<std::sync::Arc<Vec<usize>>>,
+}
+
+impl TrunkKv {
+    /// The batch's rows of the cache layers in `kv`, where `kv` holds whole layers.
+    pub fn rows(&self) -> Option<&[usize]> {
+        self.rows.as_deref().map(Vec::as_slice)
+    }
+
+    /// Layer `m`'s keys and values for the batch, `[B, H, N, Dh]` each (gathered from the whole
+    /// cache layer where [`TrunkKv::rows()`] is set).
+    pub fn layer(&self, m: usize) -> (Tensor<4>, Tensor<4>) {
+        let (k, v) = self.kv[m].clone();
+        match self.rows() {
+            None => (k, v),
+            Some(rows) => {
+                let idx = Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]), &k.device());
+                (k.select(0, idx.clone()), v.select(0, idx))
+            }
+        }
+    }
 }
 
 /// Randomness inside the frozen trunk, for reproducing the official recipes ("faithful" mode,
@@ -222,7 +246,7 @@ impl Vit {
             kv.push((k, v));
             next
         });
-        TrunkKv { kv, cls: self.pool(z) }
+        TrunkKv { kv, cls: self.pool(z), rows: None }
     }
 
     /// [`Vit::forward_kv`] with training-time trunk randomness (embedding dropout, per-sample
@@ -239,7 +263,7 @@ impl Vit {
         let mut kv = Vec::with_capacity(self.blocks.len());
         let z = if noise.is_off() { self.embed(images) } else { self.embed_noisy(images, &noise) };
         let z = self.kv_blocks(z, 0..self.blocks.len(), self.blocks.len(), &noise, keep_kv.then_some(&mut kv));
-        TrunkKv { kv, cls: self.pool(z) }
+        TrunkKv { kv, cls: self.pool(z), rows: None }
     }
 
     /// [`Vit::forward_kv_noisy`] with the embedding and the first `prefix` blocks run off the
@@ -282,7 +306,7 @@ impl Vit {
         // Back onto the tape for the tuned blocks (a model in eval, already plain, stays plain).
         let z = if self.cls_token.device().is_autodiff() { z.autodiff() } else { z };
         let z = self.kv_blocks(z, prefix..depth, depth, &noise, keep_kv.then_some(&mut kv));
-        TrunkKv { kv, cls: self.pool(z) }
+        TrunkKv { kv, cls: self.pool(z), rows: None }
     }
 
     /// The embedding, with the trunk's embedding dropout when `noise` has it.
