@@ -107,11 +107,24 @@ pub struct Phases {
 impl Phases {
     /// The per-phase medians of `steps` (each `[forward, backward, optimizer]`); `None` for none.
     pub fn median_of(steps: &[[f64; 3]]) -> Option<Phases> {
-        if steps.is_empty() {
+        let v: Vec<Phases> = steps.iter().map(|&[forward_ms, backward_ms, optimizer_ms]| Phases { forward_ms, backward_ms, optimizer_ms, cache_gather_ms: None }).collect();
+        Phases::median_over(&v)
+    }
+
+    /// Each phase's own median over `v` (the cache gather's only where every entry has one);
+    /// `None` for none. The phases of the median step are not this: each phase is taken alone.
+    pub fn median_over(v: &[Phases]) -> Option<Phases> {
+        if v.is_empty() {
             return None;
         }
-        let m = |k: usize| median(steps.iter().map(|s| s[k]).collect());
-        Some(Phases { forward_ms: m(0), backward_ms: m(1), optimizer_ms: m(2), cache_gather_ms: None })
+        let m = |f: fn(&Phases) -> f64| median(v.iter().map(f).collect());
+        let gather: Option<Vec<f64>> = v.iter().map(|p| p.cache_gather_ms).collect();
+        Some(Phases {
+            forward_ms: m(|p| p.forward_ms),
+            backward_ms: m(|p| p.backward_ms),
+            optimizer_ms: m(|p| p.optimizer_ms),
+            cache_gather_ms: gather.map(median),
+        })
     }
 }
 
@@ -119,10 +132,13 @@ fn load_avg() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
-/// The median of `v` (the upper one for an even length).
+/// The median of `v` (the mean of the middle two for an even length); every median of the
+/// bench (steps, phases, rounds, kernels) is this one. Panics on an empty `v`.
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    assert!(!v.is_empty(), "median of nothing");
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
 }
 
 fn pool_bytes(device: &Device) -> Option<u64> {
@@ -464,6 +480,14 @@ mod tests {
         let p = Phases::median_of(&[[10.0, 90.0, 1.0], [30.0, 50.0, 3.0], [20.0, 70.0, 2.0]]).unwrap();
         assert_eq!((p.forward_ms, p.backward_ms, p.optimizer_ms, p.cache_gather_ms), (20.0, 70.0, 2.0, None));
         assert_eq!(Phases::median_of(&[]), None);
+        // One median convention everywhere: the mean of the middle two for an even count.
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        // The gather's median only where every entry has one.
+        let g = |x: f64, gather: Option<f64>| Phases { forward_ms: x, backward_ms: x, optimizer_ms: x, cache_gather_ms: gather };
+        let m = Phases::median_over(&[g(1.0, Some(5.0)), g(3.0, Some(7.0))]).unwrap();
+        assert_eq!((m.forward_ms, m.cache_gather_ms), (2.0, Some(6.0)));
+        assert_eq!(Phases::median_over(&[g(1.0, Some(5.0)), g(3.0, None)]).unwrap().cache_gather_ms, None);
         let mut r: StepReport = serde_json::from_value(serde_json::json!({
             "method": "vqt-cached", "backend": "cpu", "backbone": "vit-s14-dinov2", "img_size": 112, "batch": 128,
             "trainable_params": 10, "total_params": 100, "step_ms_median": 170.0, "train_images_per_s": 1.0,

@@ -2,7 +2,7 @@
 //! (`tools/torch_bench.py`, torch + timm on the CPU), interleaved in one invocation, as a table
 //! of ratios ours / PyTorch.
 
-use crate::bench::{Phases, StepReport};
+use crate::bench::{median, Phases, StepReport};
 use serde::{Deserialize, Serialize};
 use vqt_models::Preset;
 
@@ -60,12 +60,6 @@ pub struct CompareRow {
     pub round_time_ratios: Vec<f64>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
-}
-
 fn median_opt(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     let v: Option<Vec<f64>> = v.collect();
     v.filter(|v| !v.is_empty()).map(median)
@@ -74,15 +68,7 @@ fn median_opt(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 /// Each phase's median over the rounds (`None` unless every round has phases).
 fn merge_phases(v: impl Iterator<Item = Option<Phases>>) -> Option<Phases> {
     let v: Option<Vec<Phases>> = v.collect();
-    let v = v.filter(|v| !v.is_empty())?;
-    let m = |f: fn(&Phases) -> f64| median(v.iter().map(f).collect());
-    let gather: Option<Vec<f64>> = v.iter().map(|p| p.cache_gather_ms).collect();
-    Some(Phases {
-        forward_ms: m(|p| p.forward_ms),
-        backward_ms: m(|p| p.backward_ms),
-        optimizer_ms: m(|p| p.optimizer_ms),
-        cache_gather_ms: gather.filter(|g| !g.is_empty()).map(median),
-    })
+    Phases::median_over(&v?)
 }
 
 /// One row from the same method's measurements in several rounds: each figure (step time,
