@@ -179,6 +179,11 @@ enum Command {
         /// bias-initialised single gemm with its own backward.
         #[arg(long, value_parser = ["ours", "burn"], default_value = "ours")]
         flex_linear: String,
+        /// A/B switch for the `cpu` backend: `gemm` runs each large product of vqt-models' linear
+        /// layers on gemm's own rayon parallelism (as Flex's matmul does) instead of one
+        /// single-threaded gemm call per thread on its own block of output rows or columns.
+        #[arg(long, value_parser = ["split", "gemm"], default_value = "split")]
+        flex_gemm: String,
         /// A/B switch for the `cpu` backend: `burn` runs LayerNorm through the module's own
         /// forward (under autodiff Burn's composed element-wise ops) instead of vqt-models'
         /// row-parallel extension with its own backward.
@@ -507,7 +512,8 @@ fn run() -> Result<()> {
             print!("{md}");
             Ok(())
         }
-        Command::Step { method, flex_gelu, flex_attention, flex_linear, flex_layer_norm, flex_qkv, cache_read, shape } => {
+        Command::Step { method, flex_gelu, flex_attention, flex_linear, flex_gemm, flex_layer_norm, flex_qkv, cache_read, shape } => {
+            vqt_models::ops::linear::use_gemm_own_threads(flex_gemm == "gemm");
             vqt_models::cache::use_gathered_batches(cache_read == "gather");
             vqt_models::ops::use_split_qkv(flex_qkv == "split");
             vqt_models::ops::use_burn_flex_layer_norm(flex_layer_norm == "burn");

@@ -149,15 +149,48 @@ fn autodiff_linear<C: CheckpointStrategy>(x: FloatTensor<Autodiff<Flex, C>>, wei
     }
 }
 
-/// Products at least this large (m·n·k) use gemm's rayon threads, as Flex's matmul does.
+/// Products at least this large (m·n·k) run on rayon's threads, as Flex's matmul does.
 const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
 
-fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
-    if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
+/// Row (or column) blocks of a split product start at multiples of this: gemm's f32
+/// microkernels are 16 rows tall with AVX2 (two 8-lane registers) and 16·k with AVX-512, so no
+/// block but the last has a partial micro-panel.
+const SPLIT_ALIGN: usize = 16;
+
+static GEMM_OWN_THREADS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For A/B measurements (`vqt-bench step --flex-gemm gemm`): `true` makes every product of
+/// [`FastLinear`] use gemm's own rayon parallelism (`Parallelism::Rayon`, as Flex's matmul does)
+/// instead of splitting the output into one block per thread, for the rest of the process.
+pub fn use_gemm_own_threads(on: bool) {
+    GEMM_OWN_THREADS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How a product of `m·n·k` is spread over `threads`: one call, gemm's own threads, or one
+/// single-threaded gemm call per block of `block` output rows (`by_rows`) or columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    One,
+    GemmThreads,
+    Blocks { by_rows: bool, block: usize },
+}
+
+fn split(m: usize, n: usize, k: usize, threads: usize) -> Split {
+    if threads < 2 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_THRESHOLD {
+        return Split::One;
     }
+    if GEMM_OWN_THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+        return Split::GemmThreads;
+    }
+    // Split the longer side of the output: each block packs the whole of the other operand,
+    // so that operand should be the smaller one.
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let block = len.div_ceil(threads).next_multiple_of(SPLIT_ALIGN);
+    if block >= len {
+        return Split::One;
+    }
+    Split::Blocks { by_rows, block }
 }
 
 /// A tensor read as a matrix `[rows, cols]` (all leading dims folded into the rows): its
@@ -226,13 +259,46 @@ fn rows_readable(t: FlexTensor) -> FlexTensor {
 
 /// `dst[m, n] = (read ? dst : 0) + lhs[m, k]·rhs[k, n]`, `dst` row-major and dense.
 ///
+/// A large product is split into one block of output rows (or, when the output is wider than
+/// tall, columns) per rayon thread, each a single-threaded gemm call. On the Zen 3 of
+/// docs/guide/bench.md this ran the ViT products at about 12% more GFLOP/s than gemm's own
+/// two-thread split (item 10 there). Each output value is the same k-loop either way, so the
+/// result does not depend on the split or the thread count.
+///
 /// # Safety
 /// Every operand with its strides must address valid elements; `dst` holds `m·n` values
 /// (initialised when `read`) and does not overlap the inputs.
 #[allow(clippy::too_many_arguments)]
 unsafe fn product(m: usize, n: usize, k: usize, dst: *mut f32, read: bool, lhs: *const f32, lhs_rs: isize, lhs_cs: isize, rhs: *const f32, rhs_rs: isize, rhs_cs: isize) {
-    // SAFETY: forwarded from the caller.
-    unsafe { gemm::gemm(m, n, k, dst, 1, n as isize, read, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0, 1.0, false, false, false, parallelism(m, n, k)) }
+    // SAFETY (every call below): forwarded from the caller; a block addresses a sub-range of
+    // the output rows or columns and the matching rows of `lhs` or columns of `rhs`, and the
+    // blocks' outputs are disjoint.
+    // The output's row stride is the whole product's `n`, whatever block is written.
+    let dst_rs = n as isize;
+    let call = |rows: usize, cols: usize, dst: *mut f32, lhs: *const f32, rhs: *const f32, par: gemm::Parallelism| unsafe {
+        gemm::gemm(rows, cols, k, dst, 1, dst_rs, read, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0, 1.0, false, false, false, par)
+    };
+    match split(m, n, k, rayon::current_num_threads()) {
+        Split::One => call(m, n, dst, lhs, rhs, gemm::Parallelism::None),
+        Split::GemmThreads => call(m, n, dst, lhs, rhs, gemm::Parallelism::Rayon(0)),
+        Split::Blocks { by_rows, block } => {
+            let len = if by_rows { m } else { n };
+            let (dst, lhs, rhs) = (SendPtr(dst), SendPtr(lhs.cast_mut()), SendPtr(rhs.cast_mut()));
+            (0..len.div_ceil(block)).into_par_iter().for_each(|b| {
+                let start = b * block;
+                let size = block.min(len - start);
+                let (dst, lhs, rhs) = (dst.get(), lhs.get().cast_const(), rhs.get().cast_const());
+                // SAFETY: see above; `start` < `len`, so every offset stays inside its operand.
+                unsafe {
+                    if by_rows {
+                        call(size, n, dst.add(start * n), lhs.offset(start as isize * lhs_rs), rhs, gemm::Parallelism::None)
+                    } else {
+                        call(m, size, dst.add(start), lhs, rhs.offset(start as isize * rhs_cs), gemm::Parallelism::None)
+                    }
+                }
+            });
+        }
+    }
 }
 
 /// A dense row-major `[m, n]` output written by `fill` (which must write every value) without
@@ -383,6 +449,7 @@ pub(crate) fn linear_flex<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias:
 mod tests {
     use burn::backend::GradientCheckpointingStrategy;
     use burn::tensor::{Device, Distribution, Tensor, TensorData};
+    use super::{product, split, Split};
 
     /// Which inputs are tracked: x, weight, bias.
     type Track = [bool; 3];
@@ -506,5 +573,47 @@ mod tests {
         let b = run(&Device::flex().autodiff(), &c, true, [true; 3], true, true, None);
         assert_eq!(a.0, b.0);
         assert_eq!(a.1, b.1);
+    }
+
+    /// Every split of a product (row blocks, column blocks, with a short last block, on
+    /// strided and transposed operands, into a zeroed or an initialised output) gives the bits of
+    /// one single-threaded gemm call over the whole product.
+    #[test]
+    fn split_products_equal_one_gemm_call() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let value = |i: usize| ((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5;
+        // (m, n, k, the split expected at 3 threads)
+        let cases = [
+            (300, 200, 160, Split::Blocks { by_rows: true, block: 112 }),
+            (100, 500, 160, Split::Blocks { by_rows: false, block: 176 }),
+            (40, 40, 40, Split::One),
+        ];
+        for (m, n, k, expected) in cases {
+            assert_eq!(split(m, n, k, 3), expected, "{m}x{n}x{k}");
+            // lhs read transposed (column stride m... as the dW product reads X), rhs dense.
+            let lhs: Vec<f32> = (0..m * k).map(value).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|i| value(i + 5)).collect();
+            for (lhs_rs, lhs_cs) in [(k as isize, 1), (1, m as isize)] {
+                for read in [false, true] {
+                    let init: Vec<f32> = (0..m * n).map(|i| value(i + 11)).collect();
+                    let mut whole = init.clone();
+                    // SAFETY: the operands hold m·k, k·n and m·n values for these strides.
+                    unsafe {
+                        gemm::gemm(m, n, k, whole.as_mut_ptr(), 1, n as isize, read, lhs.as_ptr(), lhs_cs, lhs_rs, rhs.as_ptr(), 1, n as isize, 1.0, 1.0, false, false, false, gemm::Parallelism::None)
+                    };
+                    let mut split_out = init.clone();
+                    // SAFETY: as above.
+                    pool.install(|| unsafe { product(m, n, k, split_out.as_mut_ptr(), read, lhs.as_ptr(), lhs_rs, lhs_cs, rhs.as_ptr(), n as isize, 1) });
+                    assert_eq!(whole, split_out, "{m}x{n}x{k}, lhs strides ({lhs_rs}, {lhs_cs}), read {read}");
+                    // And the value itself, against a plain f64 loop.
+                    let (i, j) = (m - 1, n / 2);
+                    let mut r: f64 = if read { init[i * n + j] as f64 } else { 0.0 };
+                    for p in 0..k {
+                        r += lhs[(i as isize * lhs_rs + p as isize * lhs_cs) as usize] as f64 * rhs[p * n + j] as f64;
+                    }
+                    assert!((split_out[i * n + j] as f64 - r).abs() < 1e-3, "{m}x{n}x{k}: {} vs {r}", split_out[i * n + j]);
+                }
+            }
+        }
     }
 }
