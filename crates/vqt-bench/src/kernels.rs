@@ -282,6 +282,67 @@ pub fn train_linear(vit: &VitConfig, batch: usize, reps: usize, device: &Device)
     alternate(reps, &ad, vqt_models::ops::use_burn_flex_linear, step)
 }
 
+/// The block's linear products with each large product split into one single-threaded gemm
+/// call per thread (vqt-models' default) and on gemm's own rayon threads
+/// (`ops::linear::use_gemm_own_threads`), in alternating rounds in this process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GemmSplit {
+    /// Median ms, one gemm call per thread on its own block of output rows or columns.
+    pub split_ms: f64,
+    /// Median ms, gemm's own split over its rayon threads (`Parallelism::Rayon`).
+    pub gemm_threads_ms: f64,
+    /// Alternating rounds each median is taken over (the order swapped every round).
+    pub rounds: usize,
+}
+
+/// Times [`GemmSplit`] on one block's products: qkv, proj, fc1 and fc2 forward on the frozen
+/// trunk path, then fc1 under autodiff with its weight tracked (forward, `dX` and `dW`, as in
+/// full fine-tuning). Only meaningful on Flex, where the linear layers call gemm directly.
+pub fn gemm_split(vit: &VitConfig, batch: usize, reps: usize, device: &Device) -> Result<GemmSplit, String> {
+    let plain = device.clone().without_autodiff();
+    let ad = plain.clone().autodiff();
+    let (t, d, hidden) = (vit.num_tokens(), vit.embed_dim, vit.mlp_hidden());
+    let layer = |i: usize, o: usize, dev: &Device| burn::nn::LinearConfig::new(i, o).init(dev);
+    let (qkv, proj, fc1, fc2) = (layer(d, 3 * d, &plain), layer(d, d, &plain), layer(d, hidden, &plain), layer(hidden, d, &plain));
+    let fc1_tuned = layer(d, hidden, &ad);
+    let x = Tensor::<3>::random([batch, t, d], Distribution::Normal(0.0, 1.0), &plain);
+    let h = Tensor::<3>::random([batch, t, hidden], Distribution::Normal(0.0, 1.0), &plain);
+    let w = Tensor::<3>::random([batch, t, hidden], Distribution::Normal(0.0, 1.0), &ad);
+    let x_data = x.clone().into_data();
+    let step = || {
+        use vqt_models::ops::apply;
+        drop((apply(&qkv, x.clone()), apply(&proj, x.clone()), apply(&fc1, x.clone()), apply(&fc2, h.clone())));
+        let xa = Tensor::<3>::from_data(x_data.clone(), &ad).require_grad();
+        let grads = (apply(&fc1_tuned, xa.clone()) * w.clone()).sum().backward();
+        drop((xa.grad(&grads), fc1_tuned.weight.val().grad(&grads)));
+    };
+    let rounds = 6;
+    let (mut split, mut own) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        for gemm_threads in order {
+            linear::use_gemm_own_threads(gemm_threads);
+            let r = time_median(reps, &ad, &mut || step());
+            linear::use_gemm_own_threads(false);
+            if gemm_threads { own.push(r?) } else { split.push(r?) }
+        }
+    }
+    Ok(GemmSplit { split_ms: median(split), gemm_threads_ms: median(own), rounds })
+}
+
+/// The markdown line of a [`GemmSplit`].
+pub fn gemm_split_markdown(g: &GemmSplit) -> String {
+    format!(
+        "
+The block's linear products (qkv, proj, fc1, fc2 forward; fc1 forward, `dX` and `dW` under autodiff), median of {} alternating rounds: \
+         one gemm call per thread {:.2} ms, gemm's own threads {:.2} ms ({:.2}x).\n",
+        g.rounds,
+        g.split_ms,
+        g.gemm_threads_ms,
+        g.split_ms / g.gemm_threads_ms
+    )
+}
+
 /// The markdown line of [`train_layer_norm`] and [`train_linear`].
 pub fn train_ops_markdown(ln: &TrainAttention, lin: &TrainAttention) -> String {
     format!(
@@ -466,6 +527,9 @@ mod tests {
         let (ln, lin) = (train_layer_norm(&vit, 2, 2, &device).unwrap(), train_linear(&vit, 2, 2, &device).unwrap());
         assert!(ln.ours_ms > 0.0 && ln.burn_ms > 0.0 && lin.ours_ms > 0.0 && lin.burn_ms > 0.0);
         assert!(train_ops_markdown(&ln, &lin).contains("one LayerNorm"));
+        let g = gemm_split(&vit, 2, 2, &device).unwrap();
+        assert!(g.split_ms > 0.0 && g.gemm_threads_ms > 0.0 && g.rounds == 6, "{g:?}");
+        assert!(gemm_split_markdown(&g).contains("one gemm call per thread"));
         // The A/B switch is left off: the model's default path again.
         let q = Tensor::<4>::random([1, 3, 20, 4], Distribution::Default, &device);
         assert!(vqt_models::ops::flex_attention(q.clone(), q.clone(), q).is_ok());

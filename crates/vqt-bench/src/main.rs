@@ -384,13 +384,15 @@ fn run() -> Result<()> {
             let train_attention = vqt_bench::kernels::train_attention(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
             let train_layer_norm = vqt_bench::kernels::train_layer_norm(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
             let train_linear = vqt_bench::kernels::train_linear(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
+            let gemm_split = vqt_bench::kernels::gemm_split(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
             let md = vqt_bench::kernels::markdown(&meta, &rows)
                 + &vqt_bench::kernels::profile_markdown(&profile)
                 + &vqt_bench::kernels::train_attention_markdown(&train_attention)
-                + &vqt_bench::kernels::train_ops_markdown(&train_layer_norm, &train_linear);
+                + &vqt_bench::kernels::train_ops_markdown(&train_layer_norm, &train_linear)
+                + &vqt_bench::kernels::gemm_split_markdown(&gemm_split);
             write_atomic(
                 &out.with_extension("json"),
-                &serde_json::to_string_pretty(&serde_json::json!({ "meta": meta, "rows": rows, "block_profile": profile, "train_attention": train_attention, "train_layer_norm": train_layer_norm, "train_linear": train_linear }))?,
+                &serde_json::to_string_pretty(&serde_json::json!({ "meta": meta, "rows": rows, "block_profile": profile, "train_attention": train_attention, "train_layer_norm": train_layer_norm, "train_linear": train_linear, "gemm_split": gemm_split }))?,
             )?;
             write_atomic(&out.with_extension("md"), &md)?;
             print!("{md}");

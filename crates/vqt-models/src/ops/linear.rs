@@ -12,8 +12,10 @@
 //! `dW = Xᵀ·dY` as single `gemm` calls on transposed views and `db` as a column sum over fixed
 //! row blocks, each only for an input that is tracked (a frozen weight gets no `dW`).
 //!
-//! Results do not depend on the number of threads: gemm splits the output, not the inner
-//! dimension, and the bias sum adds its fixed blocks in order.
+//! A large product runs as one single-threaded gemm call per rayon thread, each on its own
+//! block of output rows (or columns), rather than on gemm's own threads (docs/guide/bench.md,
+//! item 10). Results do not depend on the number of threads: the split is of the output, not
+//! the inner dimension, and the bias sum adds its fixed blocks in order.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

@@ -182,8 +182,8 @@ impl Attention {
         match crate::ops::flex_attention_rows(q, k, v, rows) {
             Ok(o) => merge_heads(o),
             Err((q, k, v)) => {
-                let idx = Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]), &k.device());
-                Self::attend(q, k.select(0, idx.clone()), v.select(0, idx))
+                let (k, v) = gather_rows(k, v, rows);
+                Self::attend(q, k, v)
             }
         }
     }
@@ -194,4 +194,12 @@ impl Attention {
     pub fn cross(&self, q_tokens: Tensor<3>, k: Tensor<4>, v: Tensor<4>, rows: Option<&[usize]>) -> Tensor<3> {
         self.project_out(Self::attend_rows(self.q(q_tokens), k, v, rows))
     }
+}
+
+/// Rows `rows` of the leading (image) dim of `k` and `v` (a feature cache layer's batch), as new
+/// tensors.
+pub(crate) fn gather_rows(k: Tensor<4>, v: Tensor<4>, rows: &[usize]) -> (Tensor<4>, Tensor<4>) {
+    let data = burn::tensor::TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]);
+    let idx = Tensor::<1, burn::tensor::Int>::from_data(data, &k.device());
+    (k.select(0, idx.clone()), v.select(0, idx))
 }

@@ -67,10 +67,7 @@ impl TrunkKv {
         let (k, v) = self.kv[m].clone();
         match self.rows() {
             None => (k, v),
-            Some(rows) => {
-                let idx = Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]), &k.device());
-                (k.select(0, idx.clone()), v.select(0, idx))
-            }
+            Some(rows) => super::attention::gather_rows(k, v, rows),
         }
     }
 }
