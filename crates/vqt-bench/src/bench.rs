@@ -7,7 +7,7 @@
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -234,7 +234,7 @@ pub fn measure(method: &PresetOn, o: &StepOptions, device: &Device) -> Result<St
             *device_peak = Some(device_peak.map_or(u, |p| p.max(u)));
         }
     };
-    let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(1e-2).init();
+    let mut optim = burn::optim::ModuleOptimizer::from(vqt_models::ops::adamw::FusedAdamW::new(1e-8, 1e-2));
     let (trainable, total, baseline, cache_build_ms, cache_ratio, cache_bytes, peak, infer_ms, peak_reset);
     let cache_images = method.cached().then_some(b * images.len());
     if method == Preset::FullFt && method_on.layers.is_none() {

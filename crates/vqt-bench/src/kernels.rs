@@ -282,6 +282,61 @@ pub fn train_linear(vit: &VitConfig, batch: usize, reps: usize, device: &Device)
     alternate(reps, &ad, vqt_models::ops::use_burn_flex_linear, step)
 }
 
+/// One AdamW step over every parameter of the whole ViT (full fine-tuning's optimizer step, with
+/// fixed gradients and state carried from step to step as in training), vqt-models' fused pass
+/// against Burn's `AdamW`, in alternating rounds ([`TrainAttention`]'s fields).
+pub fn train_adamw(vit: &VitConfig, reps: usize, device: &Device) -> Result<TrainAttention, String> {
+    use burn::module::{Module as _, ModuleVisitor, Param};
+    use burn::optim::{GradientsParams, ModuleOptimizer};
+    /// Registers a gradient for every float parameter: random ones, or those of `base`.
+    struct Grads<'a> {
+        out: GradientsParams,
+        base: Option<&'a GradientsParams>,
+        plain: Device,
+    }
+    impl ModuleVisitor for Grads<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let g = match self.base {
+                Some(base) => base.get::<D>(param.id).expect("a gradient for every parameter"),
+                None => Tensor::<D>::random(param.val().shape(), Distribution::Normal(0.0, 1e-3), &self.plain),
+            };
+            self.out.register(param.id, g);
+        }
+    }
+    let plain = device.clone().without_autodiff();
+    let ad = plain.clone().autodiff();
+    let model = vit.clone().with_num_classes(10).init(&ad);
+    let grads_of = |model: &vqt_models::Vit, base: Option<&GradientsParams>| {
+        let mut v = Grads { out: GradientsParams::new(), base, plain: plain.clone() };
+        model.visit(&mut v);
+        v.out
+    };
+    let base = grads_of(&model, None);
+    let state = std::cell::RefCell::new((Some(model), ModuleOptimizer::from(vqt_models::ops::adamw::FusedAdamW::new(1e-8, 1e-2))));
+    let step = || {
+        let mut s = state.borrow_mut();
+        let model = s.0.take().expect("the model is put back after every step");
+        let grads = grads_of(&model, Some(&base));
+        let model = s.1.step(1e-3, model, grads);
+        s.0 = Some(model);
+    };
+    alternate(reps, &ad, vqt_models::ops::adamw::use_burn_flex_adamw, step)
+}
+
+/// The markdown line of [`train_adamw`].
+pub fn train_adamw_markdown(a: &TrainAttention, params: usize) -> String {
+    format!(
+        "
+One AdamW step over the whole ViT ({:.1} M parameters, full fine-tuning's optimizer step), median of {} alternating rounds: \
+         vqt-models' fused pass {:.2} ms, Burn's `AdamW` {:.2} ms ({:.2}x).\n",
+        params as f64 / 1e6,
+        a.rounds,
+        a.ours_ms,
+        a.burn_ms,
+        a.ours_ms / a.burn_ms
+    )
+}
+
 /// The block's linear products with each large product split into one single-threaded gemm
 /// call per thread (vqt-models' default) and on gemm's own rayon threads
 /// (`ops::linear::use_gemm_own_threads`), in alternating rounds in this process.
@@ -530,6 +585,9 @@ mod tests {
         let g = gemm_split(&vit, 2, 2, &device).unwrap();
         assert!(g.split_ms > 0.0 && g.gemm_threads_ms > 0.0 && g.rounds == 6, "{g:?}");
         assert!(gemm_split_markdown(&g).contains("one gemm call per thread"));
+        let a = train_adamw(&vit, 2, &device).unwrap();
+        assert!(a.ours_ms > 0.0 && a.burn_ms > 0.0 && a.rounds == 3, "{a:?}");
+        assert!(train_adamw_markdown(&a, 5_000_000).contains("5.0 M parameters"));
         // The A/B switch is left off: the model's default path again.
         let q = Tensor::<4>::random([1, 3, 20, 4], Distribution::Default, &device);
         assert!(vqt_models::ops::flex_attention(q.clone(), q.clone(), q).is_ok());

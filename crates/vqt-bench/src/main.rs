@@ -179,6 +179,10 @@ enum Command {
         /// bias-initialised single gemm with its own backward.
         #[arg(long, value_parser = ["ours", "burn"], default_value = "ours")]
         flex_linear: String,
+        /// A/B switch for the `cpu` backend: `burn` runs AdamW as Burn's composed tensor ops
+        /// instead of vqt-models' fused, threaded pass (the same values, bit for bit).
+        #[arg(long, value_parser = ["ours", "burn"], default_value = "ours")]
+        flex_adamw: String,
         /// A/B switch for the `cpu` backend: `gemm` runs each large product of vqt-models' linear
         /// layers on gemm's own rayon parallelism (as Flex's matmul does) instead of one
         /// single-threaded gemm call per thread on its own block of output rows or columns.
@@ -385,14 +389,17 @@ fn run() -> Result<()> {
             let train_layer_norm = vqt_bench::kernels::train_layer_norm(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
             let train_linear = vqt_bench::kernels::train_linear(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
             let gemm_split = vqt_bench::kernels::gemm_split(&opts.vit, opts.batch, reps, &device).map_err(anyhow::Error::msg)?;
+            let train_adamw = vqt_bench::kernels::train_adamw(&opts.vit, reps, &device).map_err(anyhow::Error::msg)?;
+            let vit_params = { use burn::module::Module as _; opts.vit.clone().with_num_classes(10).init(&device.clone().without_autodiff()).num_params() };
             let md = vqt_bench::kernels::markdown(&meta, &rows)
                 + &vqt_bench::kernels::profile_markdown(&profile)
                 + &vqt_bench::kernels::train_attention_markdown(&train_attention)
                 + &vqt_bench::kernels::train_ops_markdown(&train_layer_norm, &train_linear)
-                + &vqt_bench::kernels::gemm_split_markdown(&gemm_split);
+                + &vqt_bench::kernels::gemm_split_markdown(&gemm_split)
+                + &vqt_bench::kernels::train_adamw_markdown(&train_adamw, vit_params);
             write_atomic(
                 &out.with_extension("json"),
-                &serde_json::to_string_pretty(&serde_json::json!({ "meta": meta, "rows": rows, "block_profile": profile, "train_attention": train_attention, "train_layer_norm": train_layer_norm, "train_linear": train_linear, "gemm_split": gemm_split }))?,
+                &serde_json::to_string_pretty(&serde_json::json!({ "meta": meta, "rows": rows, "block_profile": profile, "train_attention": train_attention, "train_layer_norm": train_layer_norm, "train_linear": train_linear, "gemm_split": gemm_split, "train_adamw": train_adamw }))?,
             )?;
             write_atomic(&out.with_extension("md"), &md)?;
             print!("{md}");
@@ -514,7 +521,7 @@ fn run() -> Result<()> {
             print!("{md}");
             Ok(())
         }
-        Command::Step { method, flex_gelu, flex_attention, flex_linear, flex_gemm, flex_layer_norm, flex_qkv, cache_read, shape } => {
+        Command::Step { method, flex_gelu, flex_attention, flex_linear, flex_adamw, flex_gemm, flex_layer_norm, flex_qkv, cache_read, shape } => {
             vqt_models::ops::linear::use_gemm_own_threads(flex_gemm == "gemm");
             vqt_models::cache::use_gathered_batches(cache_read == "gather");
             vqt_models::ops::use_split_qkv(flex_qkv == "split");
@@ -522,6 +529,7 @@ fn run() -> Result<()> {
             vqt_models::ops::use_burn_flex_gelu(flex_gelu == "burn");
             vqt_models::ops::use_burn_flex_attention(flex_attention == "burn");
             vqt_models::ops::use_burn_flex_linear(flex_linear == "burn");
+            vqt_models::ops::adamw::use_burn_flex_adamw(flex_adamw == "burn");
             let opts = shape.options()?;
             let device = make_device(shape.backend.parse()?, shape.device)?;
             let r = vqt_bench::bench::measure(&method, &opts, &device).map_err(anyhow::Error::msg)?;

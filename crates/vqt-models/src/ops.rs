@@ -37,6 +37,7 @@ macro_rules! dispatched {
     };
 }
 
+pub mod adamw;
 pub mod attention;
 pub mod cpu;
 pub mod gelu;
