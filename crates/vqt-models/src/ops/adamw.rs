@@ -11,12 +11,12 @@
 //! [`AdamWState`]: a checkpoint written by either resumes with the other.
 
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Flex, TensorMetadata};
+use burn::backend::Flex;
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::cpu::{contiguous, simd};
+use super::cpu::{contiguous, simd, writable};
 
 /// Elements per rayon task (a ViT-B MLP weight, 2.4 M elements, splits into ~150 tasks; a bias
 /// runs as one).
@@ -179,12 +179,6 @@ dispatched! {
             *p = update(k, *p, *m, *v);
         }
     }
-}
-
-/// Whether `t` may be written in place: the only owner of a buffer it fills densely from the
-/// start (not a view, not shared).
-fn writable(t: &FlexTensor) -> bool {
-    t.is_unique() && t.layout().contiguous_offsets() == Some((0, t.shape().num_elements()))
 }
 
 /// A copy of `t`'s values in row-major order.

@@ -3,6 +3,7 @@
 //! checks every kernel makes before it reads a tensor's values as one f32 slice.
 
 use burn::backend::flex::FlexTensor;
+use burn::backend::TensorMetadata;
 use burn::tensor::DType;
 
 /// Which vector loop this CPU runs (detected once).
@@ -69,6 +70,12 @@ impl SendPtr {
 /// Whether every tensor holds f32 (the kernels' only dtype; others take Burn's own ops).
 pub(crate) fn all_f32<'a>(ts: impl IntoIterator<Item = &'a FlexTensor>) -> bool {
     ts.into_iter().all(|t| t.dtype() == DType::F32)
+}
+
+/// Whether `t` may be written in place: the only owner of a buffer it fills densely from the
+/// start (not a view, not shared).
+pub(crate) fn writable(t: &FlexTensor) -> bool {
+    t.is_unique() && t.layout().contiguous_offsets() == Some((0, t.shape().num_elements()))
 }
 
 /// `t` with contiguous values (a copy only when it is a strided view).
