@@ -243,11 +243,16 @@ pub(crate) fn erf_poly(a: f32, e: f32) -> f32 {
 #[inline(always)]
 pub fn exp_neg(y: f32) -> f32 {
     let x = (-y).max(-87.0);
-    // n = round(x·log2 e) by the 1.5·2²³ trick (no floor call, so it vectorises).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // n = round(x·log2 e) by the 1.5·2²³ trick (no floor call, so it vectorises): t = 1.5·2²³ + n
+    // keeps n in its low mantissa bits, so the integer n is t's bits less 1.5·2²³'s. Taking it
+    // from the bits, not by `n as i32` (a saturating conversion that LLVM does one lane at a
+    // time), keeps the whole function in vector registers; the value is the same integer.
+    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
+    let k = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.5) * r * r + r + 1.0;
-    p * f32::from_bits((n as i32).wrapping_add(127).wrapping_shl(23) as u32)
+    p * f32::from_bits(k.wrapping_add(127).wrapping_shl(23) as u32)
 }
 
 /// Whether `device` (with or without autodiff) is a Flex device.
@@ -266,6 +271,27 @@ mod tests {
     fn flex_is_recognised_with_and_without_autodiff() {
         assert!(is_flex(&Device::flex()) && is_flex(&Device::flex().autodiff()));
         assert!(!is_flex(&Device::ndarray()) && !is_flex(&Device::ndarray().autodiff()));
+    }
+
+    #[test]
+    fn exp_neg_takes_the_exponent_from_the_bits_as_a_conversion_would() {
+        // The exponent integer comes from the bits of 1.5·2²³ + n (so the loop vectorises); it
+        // must be the integer `n as i32` gives, for every y the clamp lets through, to the bit.
+        fn by_conversion(y: f32) -> f32 {
+            let x = (-y).max(-87.0);
+            let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+            let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.5) * r * r + r + 1.0;
+            p * f32::from_bits((n as i32).wrapping_add(127).wrapping_shl(23) as u32)
+        }
+        let mut y = 0f32;
+        while y < 100.0 {
+            assert_eq!(exp_neg(y).to_bits(), by_conversion(y).to_bits(), "e^-{y}");
+            y = if y == 0.0 { f32::MIN_POSITIVE } else { y * 1.000_37 + 1e-6 };
+        }
+        for y in [0.0, 0.5 * std::f32::consts::LN_2, 86.999, 87.0, 1000.0, f32::INFINITY] {
+            assert_eq!(exp_neg(y).to_bits(), by_conversion(y).to_bits(), "e^-{y}");
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::exp_neg;
-use super::cpu::{simd, SendPtr, Simd};
+use super::cpu::{lane_max, lane_sum, lane_sum2, simd, SendPtr, Simd};
 
 /// Attention of already split heads as a backend extension: Flex runs it per (image, head);
 /// under autodiff a node of its own runs the matching backward.
@@ -566,7 +566,7 @@ fn backward_views(qv: &View, kv: &View, vv: &View, probs: &[f32], gv: &View, sca
                 }
                 // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
                 few_scores(level, g, Rows::of(vv, bi, hi, vb), 1.0, ds);
-                softmax_grad_rows(p, ds, nk, scale);
+                softmax_grad_rows(level, p, ds, nk, scale);
                 if let Some(d) = dq_dest {
                     // dQ = dS · K
                     out.resize(nq * dh, 0.0);
@@ -594,7 +594,7 @@ fn backward_views(qv: &View, kv: &View, vv: &View, probs: &[f32], gv: &View, sca
             // dP = dO · Vᵀ
             unsafe { mm(nq, nk, dv, ds.as_mut_ptr(), 1, nk as isize, gv.head(bi, hi), gv.cs(), gv.rs(), vv.head(bi, hi), vv.rs(), vv.cs(), 1.0) };
             // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-            softmax_grad_rows(p, ds, nk, scale);
+            softmax_grad_rows(level, p, ds, nk, scale);
             if let Some(d) = dq_dest {
                 // dQ = dS · K
                 unsafe { mm(nq, dh, nk, d.head(bi, hi), 1, d.rs as isize, ds.as_ptr(), 1, nk as isize, kv.head(bi, hi), kv.cs(), kv.rs(), 1.0) };
@@ -607,39 +607,31 @@ fn backward_views(qv: &View, kv: &View, vv: &View, probs: &[f32], gv: &View, sca
     );
 }
 
-/// Row-wise softmax in place over rows of `n`: `e^{x − max} / Σ`.
-fn softmax_rows(level: Simd, p: &mut [f32], n: usize) {
-    for row in p.chunks_exact_mut(n) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let sum = exp_shifted(level, row, max);
-        let inv = 1.0 / sum;
-        for x in row.iter_mut() {
-            *x *= inv;
+dispatched! {
+    /// Row-wise softmax in place over rows of `n`: `e^{x − max} / Σ` (the max and the sum in
+    /// lanes, so the whole row vectorises).
+    softmax_rows(p: &mut [f32], n: usize) => {
+        for row in p.chunks_exact_mut(n) {
+            let max = lane_max(row);
+            for x in row.iter_mut() {
+                *x = exp_neg(max - *x);
+            }
+            let inv = 1.0 / lane_sum(row, |x| x);
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
         }
     }
 }
 
 dispatched! {
-    /// `row ← e^{row − max}` (max ≥ every element); a loop of its own so that it vectorises
-    /// (the sum, an ordered reduction, is taken after it).
-    exp_shifted_into(row: &mut [f32], max: f32) => {
-        for x in row.iter_mut() {
-            *x = exp_neg(max - *x);
-        }
-    }
-}
-
-fn exp_shifted(level: Simd, row: &mut [f32], max: f32) -> f32 {
-    exp_shifted_into(level, row, max);
-    row.iter().sum()
-}
-
-/// `ds ← p ⊙ (ds − rowsum(ds ⊙ p)) · scale`, row by row (rows of `n`).
-fn softmax_grad_rows(p: &[f32], ds: &mut [f32], n: usize, scale: f32) {
-    for (pr, dr) in p.chunks_exact(n).zip(ds.chunks_exact_mut(n)) {
-        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-        for (d, &pp) in dr.iter_mut().zip(pr) {
-            *d = pp * (*d - dot) * scale;
+    /// `ds ← p ⊙ (ds − rowsum(ds ⊙ p)) · scale`, row by row (rows of `n`).
+    softmax_grad_rows(p: &[f32], ds: &mut [f32], n: usize, scale: f32) => {
+        for (pr, dr) in p.chunks_exact(n).zip(ds.chunks_exact_mut(n)) {
+            let dot = lane_sum2(pr, dr, |a, b| a * b);
+            for (d, &pp) in dr.iter_mut().zip(pr) {
+                *d = pp * (*d - dot) * scale;
+            }
         }
     }
 }
@@ -909,16 +901,23 @@ mod tests {
 
     #[test]
     fn flex_attention_is_deterministic_and_its_vector_loops_agree() {
-        use super::{exp_shifted_into, Simd};
-        let row: Vec<f32> = (0..300).map(|i| ((i * 37) % 101) as f32 * -0.37).collect();
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut base = row.clone();
-        exp_shifted_into(Simd::Baseline, &mut base, max);
+        use super::{softmax_grad_rows, softmax_rows, Simd};
+        // Rows of 65 (a tail after four lanes of 16), with a large spread of scores.
+        let scores: Vec<f32> = (0..65 * 5).map(|i| ((i * 37) % 101) as f32 * -0.37 + (i % 7) as f32).collect();
+        let grads: Vec<f32> = (0..65 * 5).map(|i| ((i * 53) % 89) as f32 * 0.01 - 0.4).collect();
+        let rows = |level: Simd| {
+            let (mut p, mut ds) = (scores.clone(), grads.clone());
+            softmax_rows(level, &mut p, 65);
+            softmax_grad_rows(level, &p, &mut ds, 65, 0.125);
+            (p, ds)
+        };
+        let base = rows(Simd::Baseline);
+        for row in base.0.chunks(65) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
         for level in [Simd::Avx2, Simd::Avx512] {
             if super::super::cpu::has(level) {
-                let mut r = row.clone();
-                exp_shifted_into(level, &mut r, max);
-                assert_eq!(r, base, "{level:?} differs from the baseline loop");
+                assert_eq!(rows(level), base, "{level:?} differs from the baseline loop");
             }
         }
         let data = data();

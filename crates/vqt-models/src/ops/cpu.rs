@@ -51,6 +51,79 @@ fn detect(forced: Option<&str>) -> Simd {
     [(2, Simd::Avx512), (1, Simd::Avx2)].into_iter().find(|&(rank, level)| rank <= cap && has(level)).map_or(Simd::Baseline, |(_, level)| level)
 }
 
+/// Lanes of the kernels' row sums (LayerNorm, softmax): 16 partial sums (one AVX-512 register,
+/// two AVX2 ones) added at the end, so the reductions vectorise inside a `dispatched!` loop; the
+/// order of the additions is fixed, so the result does not depend on the CPU's level.
+pub(crate) const LANES: usize = 16;
+
+/// `Σ f(v)` over `v` in [`LANES`] partial sums, then the tail.
+#[inline(always)]
+pub(crate) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x);
+        }
+    }
+    let mut s = 0f32;
+    for &x in tail {
+        s += f(x);
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// `Σ f(a, b)` over `a`, `b` in [`LANES`] partial sums, then the tail.
+#[inline(always)]
+pub(crate) fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += f(x, y);
+        }
+    }
+    let mut s = 0f32;
+    for (&x, &y) in ta.iter().zip(tb) {
+        s += f(x, y);
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// `Σ f(a, b, c)` over `a`, `b`, `c` in [`LANES`] partial sums, then the tail.
+#[inline(always)]
+pub(crate) fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb, cc) = (a.chunks_exact(LANES), b.chunks_exact(LANES), c.chunks_exact(LANES));
+    let (ta, tb, tc) = (ca.remainder(), cb.remainder(), cc.remainder());
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for (((s, &x), &y), &z) in acc.iter_mut().zip(x).zip(y).zip(z) {
+            *s += f(x, y, z);
+        }
+    }
+    let mut s = 0f32;
+    for ((&x, &y), &z) in ta.iter().zip(tb).zip(tc) {
+        s += f(x, y, z);
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// The largest of `v` (`−∞` when empty; NaNs skipped) in [`LANES`] partial maxima.
+#[inline(always)]
+pub(crate) fn lane_max(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    acc.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
 /// A raw pointer that may cross into a rayon task. Each use must have every task write its
 /// own disjoint part of a buffer that outlives the parallel loop.
 #[derive(Clone, Copy)]

@@ -24,7 +24,7 @@ use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::cpu::{all_f32, dense};
+use super::cpu::{all_f32, dense, lane_sum, lane_sum2, lane_sum3, simd};
 
 /// LayerNorm over the last dim as a backend extension: Flex runs it row-parallel; under
 /// autodiff a node of its own runs the matching backward.
@@ -118,29 +118,16 @@ fn forward(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, eps: f64, keep
     let (mut means, mut rstds) = (vec![0f32; if keep { rows } else { 0 }], vec![0f32; if keep { rows } else { 0 }]);
     let eps = eps as f32;
     if d > 0 {
-        let task = |(blk, o): (usize, &mut [f32]), stats: Option<(&mut [f32], &mut [f32])>| {
-            let mut stats = stats;
-            for (r, orow) in o.chunks_exact_mut(d).enumerate() {
-                let row = &xs[(blk * ROWS + r) * d..(blk * ROWS + r + 1) * d];
-                let mean = row.iter().sum::<f32>() / d as f32;
-                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                let rstd = 1.0 / (var + eps).sqrt();
-                for (((o, &v), &gi), &bi) in orow.iter_mut().zip(row).zip(g.iter()).zip(b.iter()) {
-                    *o = (v - mean) * rstd * gi + bi;
-                }
-                if let Some((m, s)) = stats.as_mut() {
-                    m[r] = mean;
-                    s[r] = rstd;
-                }
-            }
-        };
+        let simd = simd();
         if keep {
             out.par_chunks_mut(ROWS * d)
                 .enumerate()
                 .zip(means.par_chunks_mut(ROWS).zip(rstds.par_chunks_mut(ROWS)))
-                .for_each(|(o, (m, s))| task(o, Some((m, s))));
+                .for_each(|((blk, o), (m, s))| rows_forward(simd, &xs[blk * ROWS * d..blk * ROWS * d + o.len()], o, &g, &b, m, s, eps));
         } else {
-            out.par_chunks_mut(ROWS * d).enumerate().for_each(|o| task(o, None));
+            out.par_chunks_mut(ROWS * d)
+                .enumerate()
+                .for_each(|(blk, o)| rows_forward(simd, &xs[blk * ROWS * d..blk * ROWS * d + o.len()], o, &g, &b, &mut [], &mut [], eps));
         }
     }
     let out = FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()));
@@ -158,22 +145,10 @@ fn backward(x: &FlexTensor, gamma: &FlexTensor, stats: &(Vec<f32>, Vec<f32>), gr
     let dx = want_x.then(|| {
         let mut dx = vec![0f32; xs.len()];
         if d > 0 {
+            let simd = simd();
             dx.par_chunks_mut(ROWS * d).enumerate().for_each(|(blk, o)| {
-                for (r, orow) in o.chunks_exact_mut(d).enumerate() {
-                    let i = blk * ROWS + r;
-                    let (xr, dyr) = (&xs[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
-                    let (mean, rstd) = (means[i], rstds[i]);
-                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-                    for ((&v, &dv), &gi) in xr.iter().zip(dyr).zip(g.iter()) {
-                        let gv = dv * gi;
-                        sum_g += gv;
-                        sum_gx += gv * (v - mean) * rstd;
-                    }
-                    let (mg, mgx) = (sum_g / d as f32, sum_gx / d as f32);
-                    for (((o, &v), &dv), &gi) in orow.iter_mut().zip(xr).zip(dyr).zip(g.iter()) {
-                        *o = rstd * (dv * gi - mg - (v - mean) * rstd * mgx);
-                    }
-                }
+                let (lo, hi) = (blk * ROWS, blk * ROWS + o.len() / d);
+                rows_backward(simd, &xs[lo * d..hi * d], &dy[lo * d..hi * d], &g, &means[lo..hi], &rstds[lo..hi], o);
             });
         }
         FlexTensor::from_data(TensorData::new(dx, x.layout().shape().clone()))
@@ -184,20 +159,8 @@ fn backward(x: &FlexTensor, gamma: &FlexTensor, stats: &(Vec<f32>, Vec<f32>), gr
             .into_par_iter()
             .map(|blk| {
                 let (mut sg, mut sb) = (vec![0f32; if want_g { d } else { 0 }], vec![0f32; if want_b { d } else { 0 }]);
-                for i in blk * ROWS..((blk + 1) * ROWS).min(rows) {
-                    let (xr, dyr) = (&xs[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
-                    let (mean, rstd) = (means[i], rstds[i]);
-                    if want_g {
-                        for ((s, &v), &dv) in sg.iter_mut().zip(xr).zip(dyr) {
-                            *s += dv * (v - mean) * rstd;
-                        }
-                    }
-                    if want_b {
-                        for (s, &dv) in sb.iter_mut().zip(dyr) {
-                            *s += dv;
-                        }
-                    }
-                }
+                let (lo, hi) = (blk * ROWS, ((blk + 1) * ROWS).min(rows));
+                rows_param_sums(simd(), &xs[lo * d..hi * d], &dy[lo * d..hi * d], &means[lo..hi], &rstds[lo..hi], &mut sg, &mut sb);
                 (sg, sb)
             })
             .collect();
@@ -215,6 +178,60 @@ fn backward(x: &FlexTensor, gamma: &FlexTensor, stats: &(Vec<f32>, Vec<f32>), gr
         (None, None)
     };
     [dx, dg, db]
+}
+
+dispatched! {
+    /// One block of rows: `out ← (x − μ)·rstd·γ + β` per row of `xs`; each row's `μ` and `rstd`
+    /// written to `means`, `rstds` when they are not empty.
+    rows_forward(xs: &[f32], out: &mut [f32], g: &[f32], b: &[f32], means: &mut [f32], rstds: &mut [f32], eps: f32) => {
+        let d = g.len();
+        for (r, (row, orow)) in xs.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+            let mean = lane_sum(row, |v| v) / d as f32;
+            let var = lane_sum(row, |v| (v - mean) * (v - mean)) / d as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &gi), &bi) in orow.iter_mut().zip(row).zip(g).zip(b) {
+                *o = (v - mean) * rstd * gi + bi;
+            }
+            if !means.is_empty() {
+                means[r] = mean;
+                rstds[r] = rstd;
+            }
+        }
+    }
+}
+
+dispatched! {
+    /// One block of rows: `dx = rstd·(g − mean(g) − x̂·mean(g·x̂))` with `g = dy·γ`.
+    rows_backward(xs: &[f32], dy: &[f32], g: &[f32], means: &[f32], rstds: &[f32], out: &mut [f32]) => {
+        let d = g.len();
+        for (r, ((xr, dyr), orow)) in xs.chunks_exact(d).zip(dy.chunks_exact(d)).zip(out.chunks_exact_mut(d)).enumerate() {
+            let (mean, rstd) = (means[r], rstds[r]);
+            // Σ dy·γ and Σ dy·γ·x̂ over the row.
+            let sum_g = lane_sum2(dyr, g, |dv, gi| dv * gi);
+            let sum_gx = lane_sum3(xr, dyr, g, |v, dv, gi| dv * gi * (v - mean) * rstd);
+            let (mg, mgx) = (sum_g / d as f32, sum_gx / d as f32);
+            for (((o, &v), &dv), &gi) in orow.iter_mut().zip(xr).zip(dyr).zip(g) {
+                *o = rstd * (dv * gi - mg - (v - mean) * rstd * mgx);
+            }
+        }
+    }
+}
+
+dispatched! {
+    /// One block of rows' parameter-gradient sums: `sg += Σ dy·x̂`, `sb += Σ dy` per column (each
+    /// skipped when its buffer is empty).
+    rows_param_sums(xs: &[f32], dy: &[f32], means: &[f32], rstds: &[f32], sg: &mut [f32], sb: &mut [f32]) => {
+        let d = sg.len().max(sb.len());
+        for (r, (xr, dyr)) in xs.chunks_exact(d).zip(dy.chunks_exact(d)).enumerate() {
+            let (mean, rstd) = (means[r], rstds[r]);
+            for ((s, &v), &dv) in sg.iter_mut().zip(xr).zip(dyr) {
+                *s += dv * (v - mean) * rstd;
+            }
+            for (s, &dv) in sb.iter_mut().zip(dyr) {
+                *s += dv;
+            }
+        }
+    }
 }
 
 /// LayerNorm through the extension (Flex devices, with or without autodiff).
@@ -298,6 +315,34 @@ mod tests {
         let a = run(&Device::flex().autodiff(), &data, true, [true; 3], None);
         let b = run(&Device::flex().autodiff(), &data, true, [true; 3], None);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn every_vector_loop_gives_the_baseline_bits() {
+        // The row kernels are compiled once per level (AVX-512, AVX2, baseline); the lane sums fix
+        // the order of every addition, so each level must give the baseline's bits (widths with
+        // and without a tail of lanes).
+        use crate::ops::cpu::{has, Simd};
+        for d in [384usize, 40, 7] {
+            let rows = 9;
+            let v = |k: usize, s: f32| (0..k).map(|i| ((i * 7919 % 1000) as f32 * 1e-3 - 0.4) * s).collect::<Vec<f32>>();
+            let (xs, dy, g, b) = (v(rows * d, 3.0), v(rows * d, 1.0).into_iter().rev().collect::<Vec<_>>(), v(d, 0.5), v(d, 0.2));
+            let run = |level: Simd| {
+                let (mut out, mut m, mut r) = (vec![0f32; rows * d], vec![0f32; rows], vec![0f32; rows]);
+                super::rows_forward(level, &xs, &mut out, &g, &b, &mut m, &mut r, 1e-6);
+                let mut dx = vec![0f32; rows * d];
+                super::rows_backward(level, &xs, &dy, &g, &m, &r, &mut dx);
+                let (mut sg, mut sb) = (vec![0f32; d], vec![0f32; d]);
+                super::rows_param_sums(level, &xs, &dy, &m, &r, &mut sg, &mut sb);
+                [out, m, r, dx, sg, sb].map(|v| v.into_iter().map(f32::to_bits).collect::<Vec<_>>())
+            };
+            let base = run(Simd::Baseline);
+            for level in [Simd::Avx512, Simd::Avx2] {
+                if has(level) {
+                    assert!(run(level) == base, "{level:?} (d = {d}): differs from the baseline loop");
+                }
+            }
+        }
     }
 
     #[test]
