@@ -11,6 +11,8 @@
 #   scripts/protocol.sh                 every row (hours on 2 cores; resumable: rerun it)
 #   scripts/protocol.sh --rows "linear vqt"
 #   scripts/protocol.sh --report        only the tables from what has finished
+#   scripts/protocol.sh --publish       the same, then copies the table's and the memory-budget
+#                                       figure's JSON and SVG into docs/results/
 #
 # Writes $out/report.{md,json,svg} (the table; its figure plots process RSS) and
 # $out/memory-budget.{md,json,svg} (the same runs against training-step memory).
@@ -25,6 +27,7 @@ out="results/protocol"
 backend="cpu"
 only=""
 report_only=0
+publish=0
 seeds="42,43,44"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,7 +36,8 @@ while [ $# -gt 0 ]; do
     --backend) backend="$2"; shift ;;
     --seeds) seeds="$2"; shift ;;
     --report) report_only=1 ;;
-    *) echo "usage: scripts/protocol.sh [--rows \"linear vqt ...\"] [--out DIR] [--seeds 42,43,44] [--backend cpu] [--report]" >&2; exit 2 ;;
+    --publish) report_only=1; publish=1 ;;
+    *) echo "usage: scripts/protocol.sh [--rows \"linear vqt ...\"] [--out DIR] [--seeds 42,43,44] [--backend cpu] [--report | --publish]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -97,4 +101,17 @@ if [ -f "$memory_json" ]; then
     --match vqt=vqt-cached --match vqt-on-adaptformer=vqt-cached --match vqt-on-lora=vqt-cached \
     --title "Fashion-MNIST, DINOv2-S/14: test accuracy against training-step memory (ViT-S/14 112 px, batch 64)" >/dev/null
 fi
-for d in "$out"/*/tune.md; do echo "== $d"; cat "$d"; done
+# Each row's grid and choice (`tune --collect` rewrites tune.md from the run records with this
+# binary's table: every grid setting's val200 accuracy beside the choice).
+for d in "$out"/*/tune.md; do
+  "$train" tune --collect "$(dirname "$d")" >/dev/null 2>&1 || true
+  echo "== $d"; cat "$d"
+done
+# --publish: the table, its figure and the memory-budget figure into docs/results/ (the
+# markdown pages there add the protocol's description and the reading by hand).
+if [ "$publish" = 1 ]; then
+  cp "$out/report.json" docs/results/fashion-mnist-dinov2s.json
+  cp "$out/report.svg" docs/results/fashion-mnist-dinov2s.svg
+  for ext in json svg; do [ -f "$out/memory-budget.$ext" ] && cp "$out/memory-budget.$ext" "docs/results/memory-budget.$ext"; done
+  echo "published: docs/results/fashion-mnist-dinov2s.{json,svg}, docs/results/memory-budget.{json,svg}"
+fi

@@ -709,12 +709,13 @@ pub fn markdown(r: &TuneReport) -> String {
         }
         s += "\n";
     }
-    s += "| task | group | chosen on val200 | test acc % (mean ± std) | seeds |\n|---|---|---|---:|---|\n";
+    s += "| task | group | val200 acc % per grid setting | chosen on val200 | test acc % (mean ± std) | seeds |\n|---|---|---|---|---:|---|\n";
     for t in &r.tasks {
         s += &format!(
-            "| {} | {} | {} | {:.2} ± {:.2} | {} |\n",
+            "| {} | {} | {} | {} | {:.2} ± {:.2} | {} |\n",
             t.task,
             t.group,
+            if t.grid.is_empty() { "–".into() } else { t.grid.iter().map(|(set, acc)| format!("{}: {acc:.1}", set.join(" "))).collect::<Vec<_>>().join("; ") },
             if t.best.is_empty() { "(no grid)".into() } else { t.best.join(" ") },
             t.mean,
             t.std,

@@ -402,6 +402,8 @@ fn tune_runs_the_vtab_protocol_and_reports_both_averages() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let md = std::fs::read_to_string(out.join("tune.md")).unwrap();
     assert!(md.contains("| eurosat | Specialized | train.lr=") && md.contains("| dtd | Natural | train.lr="), "{md}");
+    // Every grid setting's val200 accuracy is listed beside the choice.
+    assert!(md.contains("| train.lr=0.001: ") && md.contains("; train.lr=0.05: "), "{md}");
     assert!(md.contains("Mean over the 2 tasks") && md.contains("Mean of the 2 group means"), "{md}");
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tune.json")).unwrap()).unwrap();
     assert_eq!(r["tasks"][0]["grid"].as_array().unwrap().len(), 2);
