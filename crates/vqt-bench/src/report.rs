@@ -260,9 +260,11 @@ pub fn svg(rows: &[MethodRow], title: &str, axis: MemoryAxis) -> Result<String, 
         MemoryAxis::ProcessRss => "peak process memory during the run (MiB, RSS: data, backbone, cache, training)",
         MemoryAxis::Step => "training-step memory (MiB, vqt-bench memory)",
     };
+    // A point from one run says so: it has no spread over seeds.
+    let seeds = |r: &MethodRow| if r.runs == 1 { format!("; one seed, {}", r.seeds.first().map_or(String::new(), |s| s.to_string())) } else { format!("; {} seeds", r.runs) };
     let label = |r: &MethodRow| match (axis, r.cache_mib) {
-        (MemoryAxis::ProcessRss, Some(c)) => format!("{} ({} params; cache {c:.0} MiB)", r.method, r.trainable_params),
-        _ => format!("{} ({} params)", r.method, r.trainable_params),
+        (MemoryAxis::ProcessRss, Some(c)) => format!("{} ({} params; cache {c:.0} MiB{})", r.method, r.trainable_params, seeds(r)),
+        _ => format!("{} ({} params{})", r.method, r.trainable_params, seeds(r)),
     };
     let e = |e: DrawingAreaErrorKind<std::io::Error>| e.to_string();
     let (xs, ys): (Vec<f64>, Vec<f64>) = pts.iter().map(|(m, r)| (*m, r.test_mean)).unzip();

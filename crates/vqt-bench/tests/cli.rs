@@ -135,7 +135,8 @@ fn report_aggregates_runs_per_method_over_seeds() {
     assert!(md.contains("| vqt | trunk | 2 (42, 43) | 82.00 ± 2.83 | 81.00 | 1234 | 100 | – | 2.0 |"), "{md}");
     assert!(md.contains("| linear | trunk | 1 (42) | 70.00 (one seed, no std) |"), "{md}");
     let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("vqt (1234 params)") && svg.contains("<circle"), "{svg}");
+    assert!(svg.starts_with("<svg") && svg.contains("vqt (1234 params; 2 seeds)") && svg.contains("<circle"), "{svg}");
+    assert!(svg.contains("linear (1234 params; one seed, 42)"), "a one-run point says it has one seed: {svg}");
     assert!(svg.contains("RSS"), "the plot says which memory it shows");
     let e = bench().args(["report", "/nope/runs", "--out"]).arg(&out).output().unwrap();
     assert_eq!(e.status.code(), Some(2));

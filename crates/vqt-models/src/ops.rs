@@ -38,11 +38,25 @@ macro_rules! dispatched {
 }
 
 pub mod adamw;
+pub mod add;
 pub mod attention;
 pub mod cpu;
 pub mod gelu;
 pub mod layer_norm;
 pub mod linear;
+
+/// `a + b` for tensors of one shape (the residual stream's additions, LoRA's update).
+///
+/// On Flex in f32 it is [`add::FastAdd`]: the same additions on every rayon thread, in place
+/// when `a` owns its buffer, with its own autodiff node (Flex's `float_add` runs on one thread).
+/// Elsewhere, or for shapes that differ (broadcasting), Burn's `+`.
+pub fn add<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    if a.dtype() == burn::tensor::DType::F32 && b.dtype() == burn::tensor::DType::F32 && a.dims() == b.dims() && is_flex(&a.device()) {
+        add::add_flex(a, b)
+    } else {
+        a + b
+    }
+}
 
 /// A `burn::nn::LayerNorm` applied to `x` (over its last dim).
 ///

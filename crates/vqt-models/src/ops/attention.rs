@@ -32,7 +32,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::exp_neg;
-use super::cpu::{lane_max, lane_sum, lane_sum2, simd, SendPtr, Simd};
+use super::cpu::{lane_max, lane_sum, lane_sum2, simd, SendPtr};
 
 /// Attention of already split heads as a backend extension: Flex runs it per (image, head);
 /// under autodiff a node of its own runs the matching backward.
@@ -808,7 +808,8 @@ mod tests {
 
     #[test]
     fn the_few_row_loops_give_the_same_bits_on_every_vector_loop() {
-        use super::{few_combine, few_scores, few_transpose_combine, Rows, Simd};
+        use super::{few_combine, few_scores, few_transpose_combine, Rows};
+        use crate::ops::cpu::Simd;
         let x: Vec<f32> = (0..3 * 70).map(|i| (((i * 37) % 101) as f32 - 50.0) * 0.013).collect();
         let y: Vec<f32> = (0..5 * 70).map(|i| (((i * 53) % 97) as f32 - 48.0) * 0.021).collect();
         let (a, b) = (Rows::dense(&x, 70), Rows::dense(&y, 70));
@@ -901,7 +902,8 @@ mod tests {
 
     #[test]
     fn flex_attention_is_deterministic_and_its_vector_loops_agree() {
-        use super::{softmax_grad_rows, softmax_rows, Simd};
+        use super::{softmax_grad_rows, softmax_rows};
+        use crate::ops::cpu::Simd;
         // Rows of 65 (a tail after four lanes of 16), with a large spread of scores.
         let scores: Vec<f32> = (0..65 * 5).map(|i| ((i * 37) % 101) as f32 * -0.37 + (i % 7) as f32).collect();
         let grads: Vec<f32> = (0..65 * 5).map(|i| ((i * 53) % 89) as f32 * 0.01 - 0.4).collect();

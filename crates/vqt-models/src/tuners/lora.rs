@@ -127,7 +127,7 @@ impl LoraQkv {
                 .collect(),
             0,
         );
-        qkv + crate::ops::linear(crate::ops::linear(a, down, None), up, None)
+        crate::ops::add(qkv, crate::ops::linear(crate::ops::linear(a, down, None), up, None))
     }
 
     /// `qkv` with `(α/r)·A_t·B_t` added to the columns of each adapted third: the same outputs

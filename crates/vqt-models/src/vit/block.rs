@@ -79,8 +79,8 @@ fn scale(ls: &Option<LayerScale>, x: Tensor<3>) -> Tensor<3> {
 impl Block {
     /// The block applied to the residual stream `z: [B, N, D]`.
     pub fn forward(&self, z: Tensor<3>) -> Tensor<3> {
-        let z = z.clone() + self.attn_out(self.attn.forward(self.norm1_out(z)));
-        z.clone() + self.mlp_branch(z)
+        let z = crate::ops::add(z.clone(), self.attn_out(self.attn.forward(self.norm1_out(z))));
+        crate::ops::add(z.clone(), self.mlp_branch(z))
     }
 
     /// `LN1(z)` (plus its SSF, if tuned): the input of the attention projections.
@@ -97,8 +97,8 @@ impl Block {
     /// The block's output plus the keys and values (`[B, H, N, Dh]`) of its normalised input.
     pub fn forward_kv(&self, z: Tensor<3>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
         let (o, k, v) = self.attn.forward_kv(self.norm1_out(z.clone()));
-        let z = z + self.attn_out(o);
-        let z = z.clone() + self.mlp_branch(z);
+        let z = crate::ops::add(z, self.attn_out(o));
+        let z = crate::ops::add(z.clone(), self.mlp_branch(z));
         (z, k, v)
     }
 
@@ -126,7 +126,7 @@ impl Block {
     /// of this layer, then take both residuals and the MLP like any token (with every per-token
     /// tuner of the block, methods.md §6).
     pub fn query_forward(&self, p: Tensor<3>, k: Tensor<4>, v: Tensor<4>, rows: Option<&[usize]>) -> Tensor<3> {
-        let u = p.clone() + self.query_attn_branch(p, k, v, rows);
-        u.clone() + self.mlp_branch(u)
+        let u = crate::ops::add(p.clone(), self.query_attn_branch(p, k, v, rows));
+        crate::ops::add(u.clone(), self.mlp_branch(u))
     }
 }
