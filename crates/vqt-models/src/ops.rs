@@ -44,6 +44,7 @@ pub mod cpu;
 pub mod gelu;
 pub mod layer_norm;
 pub mod linear;
+pub mod scaled_add;
 
 /// `a + b` for tensors of one shape (the residual stream's additions, LoRA's update).
 ///
@@ -55,6 +56,21 @@ pub fn add<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
         add::add_flex(a, b)
     } else {
         a + b
+    }
+}
+
+/// `z + o ⊙ gamma`, `gamma: [D]` scaling the last dim (a LayerScale'd residual branch added).
+///
+/// On Flex in f32 it is [`scaled_add::FastScaledAdd`]: one threaded pass (in place when `z`
+/// owns its buffer) with its own autodiff node, where the composed form is a one-thread
+/// broadcast product and an add, and as many one-thread passes again in its backward.
+/// Elsewhere, Burn's `z + o * gamma`.
+pub fn add_scaled(z: Tensor<3>, o: Tensor<3>, gamma: Tensor<1>) -> Tensor<3> {
+    let f32s = [z.dtype(), o.dtype(), gamma.dtype()].iter().all(|d| *d == burn::tensor::DType::F32);
+    if f32s && z.dims() == o.dims() && o.dims()[2] == gamma.dims()[0] && is_flex(&z.device()) {
+        scaled_add::scaled_add_flex(z, o, gamma)
+    } else {
+        z + o * gamma.unsqueeze::<3>()
     }
 }
 

@@ -79,8 +79,30 @@ fn scale(ls: &Option<LayerScale>, x: Tensor<3>) -> Tensor<3> {
 impl Block {
     /// The block applied to the residual stream `z: [B, N, D]`.
     pub fn forward(&self, z: Tensor<3>) -> Tensor<3> {
-        let z = crate::ops::add(z.clone(), self.attn_out(self.attn.forward(self.norm1_out(z))));
-        crate::ops::add(z.clone(), self.mlp_branch(z))
+        let z = self.add_branch(z.clone(), self.attn.forward(self.norm1_out(z)), &self.ls1, &self.adapter_attn);
+        self.mlp_residual(z)
+    }
+
+    /// `z` plus a residual branch's output `o` after its LayerScale and serial adapter (those
+    /// present): with LayerScale and no adapter one fused `z + o ⊙ γ` ([`crate::ops::add_scaled`]).
+    fn add_branch(&self, z: Tensor<3>, o: Tensor<3>, ls: &Option<LayerScale>, serial: &Option<BottleneckAdapter>) -> Tensor<3> {
+        match (ls, serial) {
+            (Some(ls), None) => crate::ops::add_scaled(z, o, ls.gamma.val()),
+            _ => crate::ops::add(z, adapter::maybe(serial, scale(ls, o))),
+        }
+    }
+
+    /// `u` plus [`Block::mlp_branch`]`(u)`, with the LayerScale'd MLP output added by
+    /// [`Block::add_branch`] and AdaptFormer's parallel branch added after it.
+    fn mlp_residual(&self, u: Tensor<3>) -> Tensor<3> {
+        let h = self.mlp.forward(ssf::maybe(&self.ssf_norm2, crate::ops::norm(&self.norm2, u.clone())));
+        match &self.adaptformer {
+            Some(a) => {
+                let parallel = a.forward(u.clone());
+                crate::ops::add(self.add_branch(u, h, &self.ls2, &self.adapter_mlp), parallel)
+            }
+            None => self.add_branch(u, h, &self.ls2, &self.adapter_mlp),
+        }
     }
 
     /// `LN1(z)` (plus its SSF, if tuned): the input of the attention projections.
@@ -97,9 +119,8 @@ impl Block {
     /// The block's output plus the keys and values (`[B, H, N, Dh]`) of its normalised input.
     pub fn forward_kv(&self, z: Tensor<3>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
         let (o, k, v) = self.attn.forward_kv(self.norm1_out(z.clone()));
-        let z = crate::ops::add(z, self.attn_out(o));
-        let z = crate::ops::add(z.clone(), self.mlp_branch(z));
-        (z, k, v)
+        let z = self.add_branch(z, o, &self.ls1, &self.adapter_attn);
+        (self.mlp_residual(z), k, v)
     }
 
     /// Everything the second half of the block adds to `u`: `ls2(MLP(LN2(u)))` (through the
@@ -109,7 +130,7 @@ impl Block {
         let m = scale(&self.ls2, self.mlp.forward(ssf::maybe(&self.ssf_norm2, crate::ops::norm(&self.norm2, u.clone()))));
         let m = adapter::maybe(&self.adapter_mlp, m);
         match &self.adaptformer {
-            Some(a) => m + a.forward(u),
+            Some(a) => crate::ops::add(m, a.forward(u)),
             None => m,
         }
     }
@@ -126,7 +147,7 @@ impl Block {
     /// of this layer, then take both residuals and the MLP like any token (with every per-token
     /// tuner of the block, methods.md §6).
     pub fn query_forward(&self, p: Tensor<3>, k: Tensor<4>, v: Tensor<4>, rows: Option<&[usize]>) -> Tensor<3> {
-        let u = crate::ops::add(p.clone(), self.query_attn_branch(p, k, v, rows));
-        crate::ops::add(u.clone(), self.mlp_branch(u))
+        let u = self.add_branch(p.clone(), self.attn.cross(self.norm1_out(p), k, v, rows), &self.ls1, &self.adapter_attn);
+        self.mlp_residual(u)
     }
 }
