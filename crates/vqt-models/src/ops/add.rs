@@ -24,7 +24,7 @@ use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::cpu::{dense, writable};
+use super::cpu::{dense, owned_values};
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -86,8 +86,7 @@ fn forward(mut lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
         return Flex::float_add(lhs, rhs);
     }
     let r = dense(&rhs);
-    if writable(&lhs) {
-        let values = lhs.try_storage_mut::<f32>().expect("unique f32 storage");
+    if let Some(values) = owned_values(&mut lhs) {
         values.par_chunks_mut(CHUNK).zip(r.par_chunks(CHUNK)).for_each(|(o, b)| {
             for (o, b) in o.iter_mut().zip(b) {
                 *o += b;

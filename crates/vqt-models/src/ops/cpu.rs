@@ -151,6 +151,15 @@ pub(crate) fn writable(t: &FlexTensor) -> bool {
     t.is_unique() && t.layout().contiguous_offsets() == Some((0, t.shape().num_elements()))
 }
 
+/// `t`'s values, writable in place, when [`writable`] (else `None`: a view, a shared buffer).
+pub(crate) fn owned_values(t: &mut FlexTensor) -> Option<&mut [f32]> {
+    if !writable(t) {
+        return None;
+    }
+    let n = t.shape().num_elements();
+    t.try_storage_mut::<f32>().map(|v| &mut v[..n])
+}
+
 /// `t` with contiguous values (a copy only when it is a strided view).
 pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.layout().contiguous_offsets().is_some() {

@@ -23,7 +23,7 @@ use burn::backend::TensorMetadata;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::cpu::{contiguous, simd, writable};
+use super::cpu::{contiguous, owned_values, simd};
 use super::{erf_poly, exp_neg};
 
 /// Elements per rayon task: large enough to amortise the task, small enough to split a
@@ -88,16 +88,6 @@ impl<C: CheckpointStrategy> FastGelu for Autodiff<Flex, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(forward(x.into_primitive())),
         }
-    }
-}
-
-/// `t`'s values, writable in place, when `t` is the only owner of a buffer it fills densely from
-/// the start (else `None`: a view, a shared buffer).
-fn owned_values(t: &mut FlexTensor) -> Option<&mut [f32]> {
-    if writable(t) {
-        t.try_storage_mut::<f32>()
-    } else {
-        None
     }
 }
 

@@ -22,7 +22,7 @@ use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::cpu::{dense, writable};
+use super::cpu::{dense, owned_values};
 
 /// Rows per rayon task (and per block of the `dγ` sums).
 const ROWS: usize = 64;
@@ -102,9 +102,8 @@ fn forward(mut z: FlexTensor, o: &FlexTensor, gamma: &FlexTensor) -> FlexTensor 
             }
         }
     };
-    if writable(&z) {
-        let values = z.try_storage_mut::<f32>().expect("unique f32 storage");
-        values[..n].par_chunks_mut(ROWS * d).zip(os.par_chunks(ROWS * d)).for_each(|(zb, ob)| {
+    if let Some(values) = owned_values(&mut z) {
+        values.par_chunks_mut(ROWS * d).zip(os.par_chunks(ROWS * d)).for_each(|(zb, ob)| {
             for (zr, or) in zb.chunks_exact_mut(d).zip(ob.chunks_exact(d)) {
                 row(zr, None, or);
             }

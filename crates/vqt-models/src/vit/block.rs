@@ -95,7 +95,7 @@ impl Block {
     /// `u` plus [`Block::mlp_branch`]`(u)`, with the LayerScale'd MLP output added by
     /// [`Block::add_branch`] and AdaptFormer's parallel branch added after it.
     fn mlp_residual(&self, u: Tensor<3>) -> Tensor<3> {
-        let h = self.mlp.forward(ssf::maybe(&self.ssf_norm2, crate::ops::norm(&self.norm2, u.clone())));
+        let h = self.mlp_out(u.clone());
         match &self.adaptformer {
             Some(a) => {
                 let parallel = a.forward(u.clone());
@@ -123,11 +123,16 @@ impl Block {
         (self.mlp_residual(z), k, v)
     }
 
+    /// `MLP(LN2(u))` (with LN2's SSF, if tuned), before the LayerScale and the adapters.
+    fn mlp_out(&self, u: Tensor<3>) -> Tensor<3> {
+        self.mlp.forward(ssf::maybe(&self.ssf_norm2, crate::ops::norm(&self.norm2, u)))
+    }
+
     /// Everything the second half of the block adds to `u`: `ls2(MLP(LN2(u)))` (through the
     /// serial MLP adapter if present) plus AdaptFormer's parallel branch if present. For any
     /// tokens, trunk or query.
     pub fn mlp_branch(&self, u: Tensor<3>) -> Tensor<3> {
-        let m = scale(&self.ls2, self.mlp.forward(ssf::maybe(&self.ssf_norm2, crate::ops::norm(&self.norm2, u.clone()))));
+        let m = scale(&self.ls2, self.mlp_out(u.clone()));
         let m = adapter::maybe(&self.adapter_mlp, m);
         match &self.adaptformer {
             Some(a) => crate::ops::add(m, a.forward(u)),
