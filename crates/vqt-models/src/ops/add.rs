@@ -24,7 +24,7 @@ use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::cpu::{dense, owned_values};
+use super::cpu::{dense, owned_values, par_new};
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -95,8 +95,7 @@ fn forward(mut lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
         return lhs;
     }
     let l = dense(&lhs);
-    let mut out = vec![0f32; n];
-    out.par_chunks_mut(CHUNK).zip(l.par_chunks(CHUNK).zip(r.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
+    let out = par_new(n, CHUNK, l.par_chunks(CHUNK).zip(r.par_chunks(CHUNK)), |o, (a, b)| {
         for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
             *o = a + b;
         }

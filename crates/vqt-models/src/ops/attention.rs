@@ -32,7 +32,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::exp_neg;
-use super::cpu::{lane_max, lane_sum, lane_sum2, simd, SendPtr};
+use super::cpu::{lane_max, lane_sum, lane_sum2, par_zeros, simd, SendPtr};
 
 /// Attention of already split heads as a backend extension: Flex runs it per (image, head);
 /// under autodiff a node of its own runs the matching backward.
@@ -307,7 +307,7 @@ fn forward_rows(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, rows: &[usize], 
 fn backward_rows(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, rows: &[usize], probs: &[f32], grad: &FlexTensor, scale: f32) -> FlexTensor {
     let (qv, kv, vv) = (View::of(q, "q"), View::of_rows(k, "k", rows), View::of_rows(v, "v", rows));
     let (b, h, nq, _, dh, _) = checked_dims(&qv, &kv, &vv);
-    let mut dq = vec![0f32; b * h * nq * dh];
+    let mut dq = par_zeros(b * h * nq * dh);
     let dest = Dest { ptr: SendPtr(dq.as_mut_ptr()), base: 0, sb: h * nq * dh, sh: nq * dh, rs: dh };
     backward_views(&qv, &kv, &vv, probs, &View::of(grad, "grad"), scale, [Some(dest), None, None]);
     FlexTensor::from_data(TensorData::new(dq, [b, h, nq, dh]))
@@ -315,8 +315,8 @@ fn backward_rows(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, rows: &[usize],
 
 fn forward_views(qv: &View, kv: &View, vv: &View, scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
     let (b, h, nq, nk, dh, dv) = checked_dims(qv, kv, vv);
-    let mut out = vec![0f32; b * nq * h * dv];
-    let mut probs = keep.then(|| vec![0f32; b * h * nq * nk]);
+    let mut out = par_zeros(b * nq * h * dv);
+    let mut probs = keep.then(|| par_zeros(b * h * nq * nk));
     let out_ptr = SendPtr(out.as_mut_ptr());
     let probs_ptr = probs.as_mut().map(|p| SendPtr(p.as_mut_ptr()));
     let level = simd();
@@ -494,7 +494,7 @@ fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, probs: &[f32], grad:
     let (qv, kv, vv) = (View::of(q, "q"), View::of(k, "k"), View::of(v, "v"));
     let (b, h, nq, nk, dh, dv) = checked_dims(&qv, &kv, &vv);
     let [want_q, want_k, want_v] = want;
-    let alloc = |on: bool, n: usize| if on { vec![0f32; n] } else { Vec::new() };
+    let alloc = |on: bool, n: usize| if on { par_zeros(n) } else { Vec::new() };
     let (mut dq, mut dk, mut dvv) = (alloc(want_q, b * h * nq * dh), alloc(want_k, b * h * nk * dh), alloc(want_v, b * h * nk * dv));
     // Each gradient contiguous [B, H, rows, cols].
     let dest = |on: bool, buf: &mut Vec<f32>, rows: usize, cols: usize| on.then(|| Dest { ptr: SendPtr(buf.as_mut_ptr()), base: 0, sb: h * rows * cols, sh: rows * cols, rs: cols });
@@ -510,7 +510,7 @@ fn backward_packed(qkv: &FlexTensor, heads: usize, probs: &[f32], grad: &FlexTen
     let [q, k, v] = [0, 1, 2].map(|part| View::packed(qkv, heads, part));
     let [b, _, n, dh] = q.dims;
     let width = 3 * heads * dh;
-    let mut out = vec![0f32; b * n * width];
+    let mut out = par_zeros(b * n * width);
     let ptr = SendPtr(out.as_mut_ptr());
     let dests = [0, 1, 2].map(|part| Some(Dest { ptr, base: part * heads * dh, sb: n * width, sh: dh, rs: width }));
     backward_views(&q, &k, &v, probs, &View::of(grad, "grad"), scale, dests);

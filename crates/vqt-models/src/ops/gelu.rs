@@ -23,7 +23,7 @@ use burn::backend::TensorMetadata;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::cpu::{contiguous, owned_values, simd};
+use super::cpu::{contiguous, owned_values, par_new, simd};
 use super::{erf_poly, exp_neg};
 
 /// Elements per rayon task: large enough to amortise the task, small enough to split a
@@ -100,8 +100,7 @@ fn forward(mut x: FlexTensor) -> FlexTensor {
     }
     let x = contiguous(x);
     let src = x.as_slice::<f32>().expect("contiguous f32");
-    let mut out = vec![0f32; src.len()];
-    out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, s)| gelu_into(simd, s, o));
+    let out = par_new(src.len(), CHUNK, src.par_chunks(CHUNK), |o, s| gelu_into(simd, s, o));
     FlexTensor::from_data(TensorData::new(out, x.shape()))
 }
 
@@ -115,8 +114,11 @@ fn backward(x: FlexTensor, mut grad: FlexTensor) -> FlexTensor {
         return grad;
     }
     let grad = contiguous(grad);
-    let mut g = grad.as_slice::<f32>().expect("contiguous f32").to_vec();
-    g.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(g, x)| gelu_grad_in_place(simd, x, g));
+    let gs = grad.as_slice::<f32>().expect("contiguous f32");
+    let g = par_new(gs.len(), CHUNK, gs.par_chunks(CHUNK).zip(xs.par_chunks(CHUNK)), |g, (src, x)| {
+        g.copy_from_slice(src);
+        gelu_grad_in_place(simd, x, g)
+    });
     FlexTensor::from_data(TensorData::new(g, grad.shape()))
 }
 

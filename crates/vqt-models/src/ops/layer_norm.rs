@@ -24,7 +24,7 @@ use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::cpu::{all_f32, dense, lane_sum, lane_sum2, lane_sum3, simd};
+use super::cpu::{all_f32, dense, lane_sum, lane_sum2, lane_sum3, par_new, simd};
 
 /// LayerNorm over the last dim as a backend extension: Flex runs it row-parallel; under
 /// autodiff a node of its own runs the matching backward.
@@ -114,22 +114,18 @@ fn forward(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, eps: f64, keep
     let (xs, g, b) = (dense(x), dense(gamma), dense(beta));
     let n = xs.len();
     let rows = if d == 0 { 0 } else { n / d };
-    let mut out = vec![0f32; n];
     let (mut means, mut rstds) = (vec![0f32; if keep { rows } else { 0 }], vec![0f32; if keep { rows } else { 0 }]);
     let eps = eps as f32;
-    if d > 0 {
-        let simd = simd();
-        if keep {
-            out.par_chunks_mut(ROWS * d)
-                .enumerate()
-                .zip(means.par_chunks_mut(ROWS).zip(rstds.par_chunks_mut(ROWS)))
-                .for_each(|((blk, o), (m, s))| rows_forward(simd, &xs[blk * ROWS * d..blk * ROWS * d + o.len()], o, &g, &b, m, s, eps));
-        } else {
-            out.par_chunks_mut(ROWS * d)
-                .enumerate()
-                .for_each(|(blk, o)| rows_forward(simd, &xs[blk * ROWS * d..blk * ROWS * d + o.len()], o, &g, &b, &mut [], &mut [], eps));
-        }
-    }
+    let simd = simd();
+    let out = if d == 0 {
+        vec![0f32; n]
+    } else if keep {
+        par_new(n, ROWS * d, xs.par_chunks(ROWS * d).zip(means.par_chunks_mut(ROWS).zip(rstds.par_chunks_mut(ROWS))), |o, (x, (m, s))| {
+            rows_forward(simd, x, o, &g, &b, m, s, eps)
+        })
+    } else {
+        par_new(n, ROWS * d, xs.par_chunks(ROWS * d), |o, x| rows_forward(simd, x, o, &g, &b, &mut [], &mut [], eps))
+    };
     let out = FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()));
     (out, keep.then_some((means, rstds)))
 }
@@ -143,14 +139,15 @@ fn backward(x: &FlexTensor, gamma: &FlexTensor, stats: &(Vec<f32>, Vec<f32>), gr
     let rows = if d == 0 { 0 } else { xs.len() / d };
     let [want_x, want_g, want_b] = want;
     let dx = want_x.then(|| {
-        let mut dx = vec![0f32; xs.len()];
-        if d > 0 {
+        let dx = if d == 0 {
+            vec![0f32; xs.len()]
+        } else {
             let simd = simd();
-            dx.par_chunks_mut(ROWS * d).enumerate().for_each(|(blk, o)| {
+            par_new(xs.len(), ROWS * d, (0..rows.div_ceil(ROWS)).into_par_iter(), |o, blk| {
                 let (lo, hi) = (blk * ROWS, blk * ROWS + o.len() / d);
                 rows_backward(simd, &xs[lo * d..hi * d], &dy[lo * d..hi * d], &g, &means[lo..hi], &rstds[lo..hi], o);
-            });
-        }
+            })
+        };
         FlexTensor::from_data(TensorData::new(dx, x.layout().shape().clone()))
     });
     let (dg, db) = if want_g || want_b {

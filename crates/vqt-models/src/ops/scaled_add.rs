@@ -22,7 +22,7 @@ use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::cpu::{dense, owned_values};
+use super::cpu::{dense, owned_values, par_new};
 
 /// Rows per rayon task (and per block of the `dγ` sums).
 const ROWS: usize = 64;
@@ -111,8 +111,7 @@ fn forward(mut z: FlexTensor, o: &FlexTensor, gamma: &FlexTensor) -> FlexTensor 
         return z;
     }
     let zs = dense(&z);
-    let mut out = vec![0f32; n];
-    out.par_chunks_mut(ROWS * d).zip(zs.par_chunks(ROWS * d).zip(os.par_chunks(ROWS * d))).for_each(|(yb, (zb, ob))| {
+    let out = par_new(n, ROWS * d, zs.par_chunks(ROWS * d).zip(os.par_chunks(ROWS * d)), |yb, (zb, ob)| {
         for ((yr, zr), or) in yb.chunks_exact_mut(d).zip(zb.chunks_exact(d)).zip(ob.chunks_exact(d)) {
             row(yr, Some(zr), or);
         }
@@ -127,8 +126,7 @@ fn backward(grad: &FlexTensor, o: Option<&FlexTensor>, gamma: Option<&FlexTensor
     let d_o = gamma.map(|gamma| {
         let g = dense(gamma);
         let d = g.len();
-        let mut out = vec![0f32; gs.len()];
-        out.par_chunks_mut(ROWS * d).zip(gs.par_chunks(ROWS * d)).for_each(|(ob, gb)| {
+        let out = par_new(gs.len(), ROWS * d, gs.par_chunks(ROWS * d), |ob, gb| {
             for (orow, grow) in ob.chunks_exact_mut(d).zip(gb.chunks_exact(d)) {
                 for ((y, &a), &c) in orow.iter_mut().zip(grow).zip(g.iter()) {
                     *y = a * c;
