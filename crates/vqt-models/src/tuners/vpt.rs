@@ -98,9 +98,13 @@ impl Vpt {
         match self.layers.iter().position(|&l| l == m) {
             Some(0) if m > 0 => self.insert(z),
             Some(i) if i > 0 => {
-                let [b, n, _] = z.dims();
+                // The prompt slots written over in place (Burn's slice_assign: its backward
+                // zeroes those slots of the stream's gradient and slices the prompts' out),
+                // instead of a concatenation of three narrowed parts, whose backward built
+                // three zero-padded full-size gradients and added them (bench.md).
+                let [b, _, d] = z.dims();
                 let np = self.num_tokens();
-                Tensor::cat(vec![z.clone().narrow(1, 0, 1), self.set(i, b), z.narrow(1, 1 + np, n - 1 - np)], 1)
+                z.slice_assign([0..b, 1..1 + np, 0..d], self.set(i, b))
             }
             _ => z,
         }
