@@ -151,8 +151,11 @@ fn autodiff_linear<C: CheckpointStrategy>(x: FloatTensor<Autodiff<Flex, C>>, wei
     }
 }
 
-/// Products at least this large (m·n·k) run on rayon's threads, as Flex's matmul does.
-const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
+/// Products at least this large (m·n·k) run on rayon's threads. Flex's matmul uses 192³; here
+/// it is lower so that a bottleneck's rank-8 products at ViT sizes (2080 x 384 x 8, 6.4 M
+/// multiply-adds, AdaptFormer's and the adapters' forward and backward) are split too: on one
+/// thread they ran on the calling thread while the pool's workers waited (bench.md).
+const PARALLEL_THRESHOLD: usize = 128 * 128 * 128;
 
 /// Row (or column) blocks of a split product start at multiples of this: gemm's f32
 /// microkernels are 16 rows tall with AVX2 (two 8-lane registers) and 16·k with AVX-512, so no
