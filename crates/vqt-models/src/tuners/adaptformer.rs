@@ -60,8 +60,12 @@ impl AdaptFormerConfig {
 }
 
 impl AdaptFormer {
-    /// `s·(dropout(relu(z·W_dn + b_dn))·W_up + b_up)`.
+    /// `s·(dropout(relu(z·W_dn + b_dn))·W_up + b_up)`, computed as `h·(s·W_up) + s·b_up`: the
+    /// scale multiplies the `[r, D]` weight and the bias, not the `[B, N, D]` output (one pass
+    /// over the output, and one more in the backward, saved per block).
     pub fn forward(&self, z: Tensor<3>) -> Tensor<3> {
-        crate::ops::apply(&self.up, self.dropout.forward(relu(crate::ops::apply(&self.down, z)))).mul_scalar(self.scale)
+        let h = self.dropout.forward(relu(crate::ops::apply(&self.down, z)));
+        let s = self.scale;
+        crate::ops::linear(h, self.up.weight.val().mul_scalar(s), self.up.bias.as_ref().map(|b| b.val().mul_scalar(s)))
     }
 }
