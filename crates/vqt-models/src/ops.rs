@@ -41,6 +41,7 @@ pub mod adamw;
 pub mod add;
 pub mod attention;
 pub mod cpu;
+pub mod dropout;
 pub mod gelu;
 pub mod layer_norm;
 pub mod linear;
@@ -136,6 +137,20 @@ static BURN_FLEX_LINEAR: std::sync::atomic::AtomicBool = std::sync::atomic::Atom
 /// rest of the process.
 pub fn use_burn_flex_linear(on: bool) {
     BURN_FLEX_LINEAR.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `layer`'s dropout of `x`: Burn's `Dropout::forward`, except on Flex in f32 while training
+/// under autodiff, where the mask is drawn on every thread ([`dropout`]'s module docs) and
+/// applied with one multiplication. Identity when the layer is not training, the device has no
+/// autodiff or the probability is 0, as Burn's.
+pub fn dropout<const D: usize>(layer: &burn::nn::Dropout, x: Tensor<D>) -> Tensor<D> {
+    let device = x.device();
+    let training = layer.training.is_enabled() && device.is_autodiff() && layer.prob > 0.0;
+    if training && layer.prob < 1.0 && x.dtype() == burn::tensor::DType::F32 && is_flex(&device) {
+        dropout::dropout_flex(x, 1.0 - layer.prob)
+    } else {
+        layer.forward(x)
+    }
 }
 
 /// The exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient on every backend.

@@ -87,8 +87,8 @@ impl Bottleneck {
 
     /// Applies the bottleneck with its residual.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.drop.forward(gelu(crate::ops::apply(&self.fc1, x.clone())));
-        x + self.drop.forward(crate::ops::apply(&self.fc2, h))
+        let h = crate::ops::dropout(&self.drop, gelu(crate::ops::apply(&self.fc1, x.clone())));
+        x + crate::ops::dropout(&self.drop, crate::ops::apply(&self.fc2, h))
     }
 }
 
@@ -122,7 +122,7 @@ impl QsmAttention {
         let k = self.k_proj.forward(kv_in.clone());
         let v = self.v_proj.forward(kv_in);
         let attn = softmax(q.matmul(k.swap_dims(1, 2)).mul_scalar(1.0 / (d as f64).sqrt()), 2);
-        self.proj_drop.forward(self.proj.forward(self.attn_drop.forward(attn).matmul(v)))
+        crate::ops::dropout(&self.proj_drop, self.proj.forward(crate::ops::dropout(&self.attn_drop, attn).matmul(v)))
     }
 }
 
@@ -181,7 +181,7 @@ impl SynqtHead {
         let h0 = h.clone().narrow(1, 0, 1);
         let rest = self.drop_path.forward(h.narrow(1, 1, n - 1));
         let h = Tensor::cat(vec![h0.clone(), rest], 1);
-        let w = self.weight_drop.forward(gelu(crate::ops::apply(&self.get_weight, h0.reshape([b, d])))).tanh();
+        let w = crate::ops::dropout(&self.weight_drop, gelu(crate::ops::apply(&self.get_weight, h0.reshape([b, d])))).tanh();
         let ones = Tensor::<2>::ones([b, 1], &w.device());
         let w = Tensor::cat(vec![ones, w], 1).reshape([b, n, 1]);
         let f = (h * w).mean_dim(1).reshape([b, d]);
@@ -285,7 +285,7 @@ impl Synqt {
                 prompt = prompt + prev.clone() * s.clone();
             }
             let z = self.qsm_block[i].forward(self.prompt_ffn[i].forward(prompt));
-            let h_hat = self.prompt_drop.forward(z);
+            let h_hat = crate::ops::dropout(&self.prompt_drop, z);
             let dp = &self.kem_drop_path[i];
             let f_att = dp.forward(block.query_attn_branch(h_hat.clone(), k.clone(), v.clone(), trunk.rows()));
             let p = h_hat.clone() + f_att.clone();

@@ -103,7 +103,7 @@ impl Vqt {
             .enumerate()
             .map(|(m, (block, (k, v)))| {
                 let p = self.queries.val().narrow(0, m, 1).expand([b, q, d]);
-                block.query_forward(self.dropout.forward(p), k.clone(), v.clone(), trunk.rows())
+                block.query_forward(crate::ops::dropout(&self.dropout, p), k.clone(), v.clone(), trunk.rows())
             })
             .collect()
     }

@@ -64,7 +64,7 @@ impl AdaptFormer {
     /// scale multiplies the `[r, D]` weight and the bias, not the `[B, N, D]` output (one pass
     /// over the output, and one more in the backward, saved per block).
     pub fn forward(&self, z: Tensor<3>) -> Tensor<3> {
-        let h = self.dropout.forward(relu(crate::ops::apply(&self.down, z)));
+        let h = crate::ops::dropout(&self.dropout, relu(crate::ops::apply(&self.down, z)));
         let s = self.scale;
         crate::ops::linear(h, self.up.weight.val().mul_scalar(s), self.up.bias.as_ref().map(|b| b.val().mul_scalar(s)))
     }

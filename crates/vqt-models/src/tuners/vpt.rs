@@ -77,7 +77,7 @@ impl Vpt {
 
     fn set(&self, m: usize, batch: usize) -> Tensor<3> {
         let [_, np, d] = self.prompts.dims();
-        self.dropout.forward(self.prompts.val().narrow(0, m, 1).expand([batch, np, d]))
+        crate::ops::dropout(&self.dropout, self.prompts.val().narrow(0, m, 1).expand([batch, np, d]))
     }
 
     /// Whether the prompts enter with the embedding (`[CLS ; E_0 ; patches]`), i.e. before block 0.
