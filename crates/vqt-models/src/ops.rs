@@ -140,7 +140,7 @@ pub fn use_burn_flex_linear(on: bool) {
 }
 
 /// `layer`'s dropout of `x`: Burn's `Dropout::forward`, except on Flex in f32 while training
-/// under autodiff, where the mask is drawn on every thread ([`dropout`]'s module docs) and
+/// under autodiff, where the mask is drawn on every thread ([the `dropout` module](mod@dropout)) and
 /// applied with one multiplication. Identity when the layer is not training, the device has no
 /// autodiff or the probability is 0, as Burn's.
 pub fn dropout<const D: usize>(layer: &burn::nn::Dropout, x: Tensor<D>) -> Tensor<D> {
