@@ -143,10 +143,8 @@ fn backward(x: &FlexTensor, gamma: &FlexTensor, stats: &(Vec<f32>, Vec<f32>), gr
             vec![0f32; xs.len()]
         } else {
             let simd = simd();
-            par_new(xs.len(), ROWS * d, (0..rows.div_ceil(ROWS)).into_par_iter(), |o, blk| {
-                let (lo, hi) = (blk * ROWS, blk * ROWS + o.len() / d);
-                rows_backward(simd, &xs[lo * d..hi * d], &dy[lo * d..hi * d], &g, &means[lo..hi], &rstds[lo..hi], o);
-            })
+            let blocks = xs.par_chunks(ROWS * d).zip(dy.par_chunks(ROWS * d)).zip(means.par_chunks(ROWS).zip(rstds.par_chunks(ROWS)));
+            par_new(xs.len(), ROWS * d, blocks, |o, ((x, dy), (m, s))| rows_backward(simd, x, dy, &g, m, s, o))
         };
         FlexTensor::from_data(TensorData::new(dx, x.layout().shape().clone()))
     });
