@@ -38,7 +38,7 @@ enum Store {
     /// Shared with the whole-layer tensors attention reads in place ([`FeatureCache::batch`]);
     /// written only while the cache is built.
     F32(std::sync::Arc<Vec<f32>>),
-    F16(Vec<half::f16>),
+    F16(std::sync::Arc<Vec<half::f16>>),
     /// A section of a memory-mapped cache file: `elems` values of `dtype` at byte `offset`.
     Mapped { map: std::sync::Arc<memmap2::Mmap>, offset: usize, elems: usize, dtype: CacheDtype },
 }
@@ -47,14 +47,20 @@ impl Store {
     fn new(dtype: CacheDtype) -> Self {
         match dtype {
             CacheDtype::F32 => Store::F32(Default::default()),
-            CacheDtype::F16 => Store::F16(Vec::new()),
+            CacheDtype::F16 => Store::F16(Default::default()),
         }
     }
 
     fn extend(&mut self, values: &[f32]) {
         match self {
             Store::F32(v) => std::sync::Arc::get_mut(v).expect("a cache is extended only while it is built").extend_from_slice(values),
-            Store::F16(v) => v.extend(values.iter().map(|&x| half::f16::from_f32(x))),
+            Store::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                let v = std::sync::Arc::get_mut(v).expect("a cache is extended only while it is built");
+                let start = v.len();
+                v.resize(start + values.len(), half::f16::ZERO);
+                v[start..].convert_from_f32_slice(values);
+            }
             Store::Mapped { .. } => unreachable!("mapped caches are read-only"),
         }
     }
@@ -75,7 +81,12 @@ impl Store {
             let range = r * row_len..(r + 1) * row_len;
             match self {
                 Store::F32(v) => out.extend_from_slice(&v[range]),
-                Store::F16(v) => out.extend(v[range].iter().map(|x| x.to_f32())),
+                Store::F16(v) => {
+                    use half::slice::HalfFloatSliceExt;
+                    let start = out.len();
+                    out.resize(start + row_len, 0.0);
+                    v[range].convert_to_f32_slice(&mut out[start..]);
+                }
                 Store::Mapped { map, offset, dtype, .. } => {
                     let bytes = &map[offset + range.start * dtype.size()..offset + range.end * dtype.size()];
                     match dtype {
@@ -87,13 +98,20 @@ impl Store {
         }
     }
 
-    /// The stored values as bytes shared with this store (no copy), where they are f32 (in
-    /// RAM or mapped); `None` for f16.
-    fn shared_f32(&self) -> Option<bytes::Bytes> {
+    /// The stored values as bytes shared with this store (no copy), in RAM or mapped, with
+    /// their dtype.
+    fn shared(&self) -> (bytes::Bytes, burn::tensor::DType) {
         struct InRam(std::sync::Arc<Vec<f32>>);
         impl AsRef<[u8]> for InRam {
             fn as_ref(&self) -> &[u8] {
                 bytemuck_f32(&self.0)
+            }
+        }
+        struct InRamF16(std::sync::Arc<Vec<half::f16>>);
+        impl AsRef<[u8]> for InRamF16 {
+            fn as_ref(&self) -> &[u8] {
+                // SAFETY: f16 is a plain 2-byte value type with no padding.
+                unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u8, self.0.len() * 2) }
             }
         }
         struct Section(std::sync::Arc<memmap2::Mmap>, std::ops::Range<usize>);
@@ -102,11 +120,15 @@ impl Store {
                 &self.0[self.1.clone()]
             }
         }
+        use burn::tensor::DType;
         match self {
-            Store::F32(v) => Some(bytes::Bytes::from_owner(InRam(v.clone()))),
+            Store::F32(v) => (bytes::Bytes::from_owner(InRam(v.clone())), DType::F32),
+            Store::F16(v) => (bytes::Bytes::from_owner(InRamF16(v.clone())), DType::F16),
             // Sections start 64-byte aligned in the file, and the map at a page.
-            Store::Mapped { map, offset, elems, dtype: CacheDtype::F32 } => Some(bytes::Bytes::from_owner(Section(map.clone(), *offset..*offset + elems * 4))),
-            _ => None,
+            Store::Mapped { map, offset, elems, dtype } => {
+                let section = bytes::Bytes::from_owner(Section(map.clone(), *offset..*offset + elems * dtype.size()));
+                (section, if *dtype == CacheDtype::F32 { DType::F32 } else { DType::F16 })
+            }
         }
     }
 
@@ -219,7 +241,7 @@ pub struct FeatureCache {
     /// `[len, D]`.
     cls: Store,
     /// Per layer, keys and values as `[len, H, N, Dh]` Flex tensors sharing the stores' memory
-    /// (made on the first batch that reads them in place; `None` where the stores are f16).
+    /// (made on the first batch that reads them in place; `None` for a `hidden` cache).
     in_place: std::sync::OnceLock<Option<Vec<(Tensor<4>, Tensor<4>)>>>,
 }
 
@@ -382,8 +404,8 @@ impl FeatureCache {
         Ok(FeatureCache { layout: l, layers, values, cls, in_place: Default::default() })
     }
 
-    /// Per layer, the whole stored keys and values as Flex tensors `[len, H, N, Dh]` sharing the
-    /// stores' memory, or `None` (f16 storage, a `hidden` cache).
+    /// Per layer, the whole stored keys and values as Flex tensors `[len, H, N, Dh]` (f32 or
+    /// f16, as stored) sharing the stores' memory, or `None` (a `hidden` cache).
     fn in_place(&self) -> Option<&Vec<(Tensor<4>, Tensor<4>)>> {
         self.in_place
             .get_or_init(|| {
@@ -392,12 +414,13 @@ impl FeatureCache {
                     return None;
                 }
                 let device = Device::flex();
-                let tensor = |store: &Store| -> Option<Tensor<4>> {
-                    let shared = burn::tensor::Bytes::from_shared(store.shared_f32()?, burn::tensor::AllocationProperty::Other);
-                    let data = TensorData::from_bytes(shared, [l.len, l.heads, l.tokens, l.dim / l.heads], burn::tensor::DType::F32);
-                    Some(Tensor::from_data(data, &device))
+                let tensor = |store: &Store| -> Tensor<4> {
+                    let (bytes, dtype) = store.shared();
+                    let shared = burn::tensor::Bytes::from_shared(bytes, burn::tensor::AllocationProperty::Other);
+                    let data = TensorData::from_bytes(shared, [l.len, l.heads, l.tokens, l.dim / l.heads], dtype);
+                    Tensor::from_data(data, (&device, dtype))
                 };
-                self.layers.iter().zip(&self.values).map(|(k, v)| Some((tensor(k)?, tensor(v)?))).collect()
+                Some(self.layers.iter().zip(&self.values).map(|(k, v)| (tensor(k), tensor(v))).collect())
             })
             .as_ref()
     }
@@ -405,11 +428,12 @@ impl FeatureCache {
     /// The trunk outputs of dataset rows `rows`, as plain (non-autodiff) tensors on `device`.
     /// For `hidden` caches, K/V are recomputed from the stored states with `vit`'s frozen blocks.
     ///
-    /// On the `cpu` (Flex) backend an f32 `kv` cache is not copied at all: the batch's
-    /// [`TrunkKv`] holds every layer's whole keys and values (tensors sharing the cache's memory,
-    /// in RAM or mapped) with the batch's `rows` ([`TrunkKv::rows()`]), and the query side's
-    /// attention reads each image's rows in place. Elsewhere (f16, `hidden`, other backends, or
-    /// [`use_gathered_batches`]) the rows are gathered into batch tensors.
+    /// On the `cpu` (Flex) backend a `kv` cache is not copied at all: the batch's [`TrunkKv`]
+    /// holds every layer's whole keys and values (tensors sharing the cache's memory, in RAM or
+    /// mapped, f32 or f16 as stored) with the batch's `rows` ([`TrunkKv::rows()`]), and the query
+    /// side's attention reads each image's rows in place (an f16 cache widened head by head as it
+    /// is read). Elsewhere (`hidden`, other backends, or [`use_gathered_batches`]) the rows are
+    /// gathered into f32 batch tensors.
     pub fn batch(&self, vit: &Vit, rows: &[usize], device: &Device) -> TrunkKv {
         let l = self.layout;
         assert!(rows.iter().all(|&r| r < l.len), "cache row out of range");

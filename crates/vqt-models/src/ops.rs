@@ -197,12 +197,13 @@ pub fn flex_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<Tensor
 
 /// [`flex_attention`] of `q: [B, H, Nq, Dh]` over keys and values `k, v: [N, H, Nk, ·]` that hold
 /// more images than the batch (the feature cache's whole layer, shared, not copied): image `b`
-/// reads their row `rows[b]`. `Err` with the inputs back where the extension does not apply
+/// reads their row `rows[b]`; the keys and values may be f16 (an f16 cache, widened as it is
+/// read). `Err` with the inputs back where the extension does not apply
 /// (another backend or dtype, or the A/B switch [`use_burn_flex_attention`] set): the caller
 /// then gathers the rows and attends as usual.
 pub fn flex_attention_rows(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, rows: &[usize]) -> Result<Tensor<4>, (Tensor<4>, Tensor<4>, Tensor<4>)> {
-    let f32s = [q.dtype(), k.dtype(), v.dtype()].iter().all(|d| *d == burn::tensor::DType::F32);
-    if !is_flex(&q.device()) || !f32s || BURN_FLEX_ATTENTION.load(std::sync::atomic::Ordering::Relaxed) {
+    let dtypes = q.dtype() == burn::tensor::DType::F32 && attention::cache_dtype(k.dtype()) && attention::cache_dtype(v.dtype());
+    if !is_flex(&q.device()) || !dtypes || BURN_FLEX_ATTENTION.load(std::sync::atomic::Ordering::Relaxed) {
         return Err((q, k, v));
     }
     let scale = 1.0 / (q.dims()[3] as f32).sqrt();

@@ -178,10 +178,27 @@ impl<C: CheckpointStrategy> FastAttention for Autodiff<Flex, C> {
     }
 }
 
-/// A strided 4-D f32 view `[B, H, rows, cols]`: its buffer, the element offset of its origin
-/// and its four strides (elements).
+/// The elements behind a [`View`]: f32, or f16 (a feature cache's keys and values stored in half
+/// precision, widened to f32 head by head as they are read).
+#[derive(Clone, Copy)]
+enum Data<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl Data<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Data::F32(d) => d.len(),
+            Data::F16(d) => d.len(),
+        }
+    }
+}
+
+/// A strided 4-D view `[B, H, rows, cols]`: its buffer, the element offset of its origin and its
+/// four strides (elements).
 struct View<'a> {
-    data: &'a [f32],
+    data: Data<'a>,
     start: isize,
     strides: [isize; 4],
     dims: [usize; 4],
@@ -196,8 +213,13 @@ impl<'a> View<'a> {
         let shape = layout.shape();
         assert_eq!(shape.num_dims(), 4, "attention: {what} must be [B, H, N, D], got {shape:?}");
         let s = layout.strides();
+        let data = match t.dtype() {
+            DType::F32 => Data::F32(t.storage::<f32>()),
+            DType::F16 => Data::F16(t.storage::<half::f16>()),
+            other => panic!("attention: {what} must be f32 or f16, got {other:?}"),
+        };
         Self {
-            data: t.storage::<f32>(),
+            data,
             start: layout.start_offset() as isize,
             strides: [s[0], s[1], s[2], s[3]],
             dims: [shape[0], shape[1], shape[2], shape[3]],
@@ -232,7 +254,7 @@ impl<'a> View<'a> {
         let dh = width / (3 * heads);
         let s = layout.strides();
         Self {
-            data: t.storage::<f32>(),
+            data: Data::F32(t.storage::<f32>()),
             start: layout.start_offset() as isize + (part * heads * dh) as isize * s[2],
             strides: [s[0], dh as isize * s[2], s[1], s[2]],
             dims: [b, heads, n, dh],
@@ -240,12 +262,25 @@ impl<'a> View<'a> {
         }
     }
 
-    /// Pointer to head `(b, h)`'s first element.
+    /// Pointer to head `(b, h)`'s first element (an f32 view).
     fn head(&self, b: usize, h: usize) -> *const f32 {
         let off = self.head_offset(b, h);
         debug_assert!(off >= 0 && (off as usize) < self.data.len().max(1));
+        let Data::F32(data) = self.data else { panic!("attention: a product reads an f16 head in place") };
         // SAFETY: the offset addresses an element of the view, which lies inside `data`.
-        unsafe { self.data.as_ptr().offset(off) }
+        unsafe { data.as_ptr().offset(off) }
+    }
+
+    /// Head `(b, h)` as f32 for a product: its pointer with (row, column) strides, in place
+    /// for an f32 view, else widened into `buf` (contiguous rows).
+    fn head_f32(&self, b: usize, h: usize, buf: &mut Vec<f32>) -> (*const f32, isize, isize) {
+        if let Data::F32(_) = self.data {
+            return (self.head(b, h), self.rs(), self.cs());
+        }
+        let cols = self.dims[3];
+        let rows = Rows::of(self, b, h, buf);
+        debug_assert_eq!(rows.rs, cols);
+        (rows.data.as_ptr(), cols as isize, 1)
     }
 
     /// Row and column strides of one head.
@@ -299,8 +334,13 @@ fn forward_packed(qkv: &FlexTensor, heads: usize, scale: f32, keep: bool) -> (Fl
 
 /// [`forward`] over the rows `rows` of larger keys and values `[N, H, Nk, ·]`, read in place.
 fn forward_rows(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, rows: &[usize], scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
-    assert!(q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32, "attention: f32 only (the caller routes other dtypes to Burn)");
+    assert!(q.dtype() == DType::F32 && cache_dtype(k.dtype()) && cache_dtype(v.dtype()), "attention: f32 queries over f32 or f16 keys and values only (the caller routes other dtypes to Burn)");
     forward_views(&View::of(q, "q"), &View::of_rows(k, "k", rows), &View::of_rows(v, "v", rows), scale, keep)
+}
+
+/// Whether keys and values read in place ([`forward_rows`]) may be stored as `dtype`.
+pub(crate) fn cache_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16)
 }
 
 /// The gradient of `q` for [`forward_rows`] (the keys and values are constants).
@@ -343,13 +383,17 @@ fn forward_views(qv: &View, kv: &View, vv: &View, scale: f32, keep: bool) -> (Fl
                 unsafe { put_rows(o, dv, out_head, h * dv) };
                 return;
             }
-            // SAFETY: the views address their heads; p is Nq x Nk row-major.
+            let Scratch { b: kb, c: vb, .. } = few_scratch;
+            let (k, k_rs, k_cs) = kv.head_f32(bi, hi, kb);
+            let (v, v_rs, v_cs) = vv.head_f32(bi, hi, vb);
+            // SAFETY: the views (or their widened copies) address their heads; p is Nq x Nk
+            // row-major.
             unsafe {
-                mm(nq, nk, dh, p.as_mut_ptr(), 1, nk as isize, qv.head(bi, hi), qv.cs(), qv.rs(), kv.head(bi, hi), kv.rs(), kv.cs(), scale);
+                mm(nq, nk, dh, p.as_mut_ptr(), 1, nk as isize, qv.head(bi, hi), qv.cs(), qv.rs(), k, k_rs, k_cs, scale);
             }
             softmax_rows(level, p, nk);
             unsafe {
-                mm(nq, dv, nk, out_head, 1, (h * dv) as isize, p.as_ptr(), 1, nk as isize, vv.head(bi, hi), vv.cs(), vv.rs(), 1.0);
+                mm(nq, dv, nk, out_head, 1, (h * dv) as isize, p.as_ptr(), 1, nk as isize, v, v_cs, v_rs, 1.0);
             }
         },
     );
@@ -392,13 +436,38 @@ impl<'a> Rows<'a> {
         if rows == 0 || cols == 0 {
             return Rows { data: &[], rs: cols, rows, cols };
         }
-        if cs == 1 && rs >= 0 && off >= 0 {
-            let (off, rs) = (off as usize, rs as usize);
-            return Rows { data: &view.data[off..off + (rows - 1) * rs + cols], rs, rows, cols };
-        }
-        buf.clear();
-        for r in 0..rows as isize {
-            buf.extend((0..cols as isize).map(|c| view.data[(off + r * rs + c * cs) as usize]));
+        let contiguous = cs == 1 && rs >= 0 && off >= 0;
+        match view.data {
+            Data::F32(data) if contiguous => {
+                let (off, rs) = (off as usize, rs as usize);
+                return Rows { data: &data[off..off + (rows - 1) * rs + cols], rs, rows, cols };
+            }
+            Data::F32(data) => {
+                buf.clear();
+                for r in 0..rows as isize {
+                    buf.extend((0..cols as isize).map(|c| data[(off + r * rs + c * cs) as usize]));
+                }
+            }
+            Data::F16(data) => {
+                // Widened with the CPU's conversion instructions, a whole head (or row) per call.
+                let level = super::cpu::simd();
+                buf.resize(rows * cols, 0.0);
+                if contiguous && rs as usize == cols {
+                    let off = off as usize;
+                    super::cpu::widen_f16(level, &data[off..off + rows * cols], buf);
+                } else if contiguous {
+                    for (r, dst) in buf.chunks_exact_mut(cols).enumerate() {
+                        let o = off as usize + r * rs as usize;
+                        super::cpu::widen_f16(level, &data[o..o + cols], dst);
+                    }
+                } else {
+                    for (r, dst) in buf.chunks_exact_mut(cols).enumerate() {
+                        for (c, x) in dst.iter_mut().enumerate() {
+                            *x = data[(off + r as isize * rs + c as isize * cs) as usize].to_f32();
+                        }
+                    }
+                }
+            }
         }
         Rows { data: buf, rs: cols, rows, cols }
     }
@@ -591,13 +660,16 @@ fn backward_views(qv: &View, kv: &View, vv: &View, probs: &[f32], gv: &View, sca
             if !(want_q || want_k) {
                 return;
             }
+            let Scratch { b: kb, c: vb, .. } = scratch;
+            let (v, v_rs, v_cs) = vv.head_f32(bi, hi, vb);
             // dP = dO · Vᵀ
-            unsafe { mm(nq, nk, dv, ds.as_mut_ptr(), 1, nk as isize, gv.head(bi, hi), gv.cs(), gv.rs(), vv.head(bi, hi), vv.rs(), vv.cs(), 1.0) };
+            unsafe { mm(nq, nk, dv, ds.as_mut_ptr(), 1, nk as isize, gv.head(bi, hi), gv.cs(), gv.rs(), v, v_rs, v_cs, 1.0) };
             // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
             softmax_grad_rows(level, p, ds, nk, scale);
             if let Some(d) = dq_dest {
                 // dQ = dS · K
-                unsafe { mm(nq, dh, nk, d.head(bi, hi), 1, d.rs as isize, ds.as_ptr(), 1, nk as isize, kv.head(bi, hi), kv.cs(), kv.rs(), 1.0) };
+                let (k, k_rs, k_cs) = kv.head_f32(bi, hi, kb);
+                unsafe { mm(nq, dh, nk, d.head(bi, hi), 1, d.rs as isize, ds.as_ptr(), 1, nk as isize, k, k_cs, k_rs, 1.0) };
             }
             if let Some(d) = dk_dest {
                 // dK = dSᵀ · Q
@@ -803,6 +875,46 @@ mod tests {
             let (k, v4) = (Tensor::<4>::from_data(kd.clone(), &d), Tensor::<4>::from_data(vd.clone(), &d));
             let plain: Vec<f32> = Attention::attend_rows(q, k, v4, Some(&rows)).into_data().try_to_vec().unwrap();
             close(&plain, &v_ref, &format!("value without autodiff, nq {nq}"));
+        }
+    }
+
+    /// f16 keys and values (an f16 feature cache) read in place give the same attention as their
+    /// values widened to f32, value and gradient of q: the same bits on the few-row loops (nq 1),
+    /// to rounding on the products (nq 17); contiguous keys and column-strided values.
+    #[test]
+    fn attention_over_f16_rows_equals_attention_over_their_widened_values() {
+        use burn::tensor::{DType, FloatDType};
+        let rows = [4usize, 1, 4];
+        let d = Device::flex();
+        for nq in [1, 17] {
+            let r = |dims: [usize; 4]| Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.5), &d).into_data();
+            let (qd, kd, vd, wd) = (r([3, 2, nq, 8]), r([5, 2, 9, 8]), r([5, 2, 8, 9]), r([3, nq, 2, 8]));
+            let (k16, v16) = (Tensor::<4>::from_data(kd.clone(), (&d, DType::F16)), Tensor::<4>::from_data(vd.clone(), (&d, DType::F16)));
+            assert_eq!((k16.dtype(), v16.dtype()), (DType::F16, DType::F16));
+            let run = |widen: bool| {
+                let device = d.clone().autodiff();
+                let q = Tensor::<4>::from_data(qd.clone(), &device).require_grad();
+                let (mut k, mut v) = (k16.clone(), v16.clone());
+                if widen {
+                    (k, v) = (k.cast(FloatDType::F32), v.cast(FloatDType::F32));
+                }
+                // Onto the autodiff device without a copy of their values' precision.
+                let (k, v) = (Tensor::<4>::from_data(k.into_data(), (&device, if widen { DType::F32 } else { DType::F16 })), Tensor::<4>::from_data(v.into_data(), (&device, if widen { DType::F32 } else { DType::F16 })));
+                let o = crate::vit::merge_heads(crate::ops::flex_attention_rows(q.clone(), k, v.swap_dims(2, 3), &rows).map_err(|_| "applies on Flex").unwrap());
+                let w = Tensor::<4>::from_data(wd.clone(), &device).reshape([3, nq, 16]);
+                let grads = (o.clone() * w).sum().backward();
+                let dq: Vec<f32> = q.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+                (o.into_data().try_to_vec::<f32>().unwrap(), dq)
+            };
+            let ((v32, g32), (v16, g16)) = (run(true), run(false));
+            if nq < super::FEW_ROWS {
+                // The few-row loops read the same values in the same order.
+                assert!(v32 == v16 && g32 == g16, "nq {nq}: not the same bits");
+            } else {
+                // gemm may sum a product's terms in another order for another layout.
+                close(&v16, &v32, &format!("value, nq {nq}"));
+                close(&g16, &g32, &format!("dq, nq {nq}"));
+            }
         }
     }
 

@@ -54,6 +54,49 @@ fn detect(forced: Option<&str>) -> Simd {
     [(2, Simd::Avx512), (1, Simd::Avx2)].into_iter().find(|&(rank, level)| rank <= cap && has(level)).map_or(Simd::Baseline, |(_, level)| level)
 }
 
+/// `dst[i] = src[i]` widened from f16 to f32 (exact: every f16 is an f32): 16 values per
+/// instruction with AVX-512F (`vcvtph2ps`), 8 with F16C, else `half`'s conversion. The loop is
+/// inlined here, once per call (a head of cached keys or values), where `half`'s slice
+/// conversion makes a call per 8 values.
+pub(crate) fn widen_f16(level: Simd, src: &[half::f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen_f16: lengths");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, __m256i, _mm256_cvtph_ps, _mm256_loadu_si256, _mm256_storeu_ps, _mm512_cvtph_ps, _mm512_storeu_ps, _mm_loadu_si128};
+        #[target_feature(enable = "avx512f")]
+        fn avx512(src: &[half::f16], dst: &mut [f32]) {
+            let n = src.len() / 16 * 16;
+            for i in (0..n).step_by(16) {
+                // SAFETY: i + 16 <= n <= the length of both slices; unaligned loads and stores.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(_mm256_loadu_si256(src.as_ptr().add(i).cast::<__m256i>()))) };
+            }
+            for (d, s) in dst[n..].iter_mut().zip(&src[n..]) {
+                *d = s.to_f32();
+            }
+        }
+        #[target_feature(enable = "avx,f16c")]
+        fn f16c(src: &[half::f16], dst: &mut [f32]) {
+            let n = src.len() / 8 * 8;
+            for i in (0..n).step_by(8) {
+                // SAFETY: i + 8 <= n <= the length of both slices; unaligned loads and stores.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(i).cast::<__m128i>()))) };
+            }
+            for (d, s) in dst[n..].iter_mut().zip(&src[n..]) {
+                *d = s.to_f32();
+            }
+        }
+        match level {
+            // SAFETY: the CPU has the feature (checked here).
+            Simd::Avx512 if has(Simd::Avx512) => return unsafe { avx512(src, dst) },
+            Simd::Avx512 | Simd::Avx2 if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") => return unsafe { f16c(src, dst) },
+            _ => {}
+        }
+    }
+    use half::slice::HalfFloatSliceExt;
+    let _ = level;
+    src.convert_to_f32_slice(dst);
+}
+
 /// Lanes of the kernels' row sums (LayerNorm, softmax): 16 partial sums (one AVX-512 register,
 /// two AVX2 ones) added at the end, so the reductions vectorise inside a `dispatched!` loop; the
 /// order of the additions is fixed, so the result does not depend on the CPU's level.
@@ -251,6 +294,23 @@ mod tests {
         }
         if has(Simd::Avx2) {
             assert_eq!(detect(Some("avx2")), Simd::Avx2);
+        }
+    }
+
+    /// Every f16 bit pattern widens to the f32 `half` gives (NaNs stay NaN), on every level the
+    /// CPU has, with a tail shorter than a vector (65536 + 7 values, and a 5-value slice).
+    #[test]
+    fn widen_f16_is_exact_on_every_level() {
+        let src: Vec<half::f16> = (0..65536u32 + 7).map(|i| half::f16::from_bits((i % 65536) as u16)).collect();
+        for level in [Simd::Avx512, Simd::Avx2, Simd::Baseline].into_iter().filter(|&l| has(l)) {
+            for len in [src.len(), 5] {
+                let mut dst = vec![0f32; len];
+                widen_f16(level, &src[..len], &mut dst);
+                for (h, w) in src[..len].iter().zip(&dst) {
+                    let want = h.to_f32();
+                    assert!(if want.is_nan() { w.is_nan() } else { w.to_bits() == want.to_bits() }, "{level:?}: {h:?} widened to {w}, not {want}");
+                }
+            }
         }
     }
 }

@@ -62,12 +62,16 @@ impl TrunkKv {
     }
 
     /// Layer `m`'s keys and values for the batch, `[B, H, N, Dh]` each (gathered from the whole
-    /// cache layer where [`TrunkKv::rows()`] is set).
+    /// cache layer where [`TrunkKv::rows()`] is set, and widened to f32 from an f16 cache).
     pub fn layer(&self, m: usize) -> (Tensor<4>, Tensor<4>) {
         let (k, v) = self.kv[m].clone();
+        let f32 = |t: Tensor<4>| if t.dtype() == burn::tensor::DType::F32 { t } else { t.cast(burn::tensor::FloatDType::F32) };
         match self.rows() {
             None => (k, v),
-            Some(rows) => super::attention::gather_rows(k, v, rows),
+            Some(rows) => {
+                let (k, v) = super::attention::gather_rows(k, v, rows);
+                (f32(k), f32(v))
+            }
         }
     }
 }
