@@ -428,18 +428,22 @@ impl FeatureCache {
     /// The trunk outputs of dataset rows `rows`, as plain (non-autodiff) tensors on `device`.
     /// For `hidden` caches, K/V are recomputed from the stored states with `vit`'s frozen blocks.
     ///
-    /// On the `cpu` (Flex) backend a `kv` cache is not copied at all: the batch's [`TrunkKv`]
+    /// On the `cpu` (Flex) backend at f32 precision (the device's default float dtype) a `kv`
+    /// cache is not copied at all: the batch's [`TrunkKv`]
     /// holds every layer's whole keys and values (tensors sharing the cache's memory, in RAM or
     /// mapped, f32 or f16 as stored) with the batch's `rows` ([`TrunkKv::rows()`]), and the query
     /// side's attention reads each image's rows in place (an f16 cache widened head by head as it
-    /// is read). Elsewhere (`hidden`, other backends, or [`use_gathered_batches`]) the rows are
-    /// gathered into f32 batch tensors.
+    /// is read). Elsewhere (`hidden`, other backends or precisions, or [`use_gathered_batches`])
+    /// the rows are gathered into batch tensors of the device's float dtype.
     pub fn batch(&self, vit: &Vit, rows: &[usize], device: &Device) -> TrunkKv {
         let l = self.layout;
         assert!(rows.iter().all(|&r| r < l.len), "cache row out of range");
         let device = device.clone().without_autodiff();
         let (b, n, d, h) = (rows.len(), l.tokens, l.dim, l.heads);
-        if crate::ops::is_flex(&device) && !GATHER.load(std::sync::atomic::Ordering::Relaxed) {
+        // In place only where the query side runs in f32 (at another `--precision` the rows are
+        // gathered into tensors of the device's float dtype).
+        let f32_default = device.settings().float_dtype == burn::tensor::FloatDType::F32;
+        if crate::ops::is_flex(&device) && f32_default && !GATHER.load(std::sync::atomic::Ordering::Relaxed) {
             if let Some(layers) = self.in_place() {
                 let mut cls = Vec::with_capacity(b * d);
                 self.cls.gather(rows, d, &mut cls);
