@@ -11,16 +11,14 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vqt-bench-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(tag: &str) -> vqt_core::testing::TestDir {
+    vqt_core::testing::TestDir::new(&format!("bench-cli-{tag}"))
 }
 
 #[test]
 fn parity_passes_on_shared_fixture_and_writes_json() {
-    let json = tmpdir("json").join("parity.json");
+    let dir = tmpdir("json");
+    let json = dir.join("parity.json");
     let out = bench().args(["parity"]).arg(fixtures().join("tiny-a")).arg("--json").arg(&json).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));

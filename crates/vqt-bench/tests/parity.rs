@@ -57,7 +57,8 @@ fn check_gpu(backend: &str, dirs: &[PathBuf]) {
     let limit = vqt_core::process::gpu_check_limit(600);
     for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let json = std::env::temp_dir().join(format!("vqt-parity-{backend}-{name}-{}.json", std::process::id()));
+        let tmp = vqt_core::testing::TestDir::new("parity");
+        let json = tmp.join(format!("{backend}-{name}.json"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vqt-bench"));
         cmd.arg("parity").arg(dir).args(["--backend", backend, "--json"]).arg(&json);
         let t = std::time::Instant::now();
@@ -70,7 +71,6 @@ fn check_gpu(backend: &str, dirs: &[PathBuf]) {
         let ok = lines.iter().all(|l| l["ok"] == true) && reports[0]["unsupported"].as_array().unwrap().is_empty();
         assert!(!lines.is_empty() && ok, "{name} on {backend}: {}", reports[0]);
         eprintln!("parity {name} on {backend}: {} tensors passed in {:.0} s", lines.len(), t.elapsed().as_secs_f64());
-        let _ = std::fs::remove_file(&json);
     }
 }
 

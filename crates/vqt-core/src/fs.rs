@@ -35,7 +35,8 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut std::io::BufWriter
 mod tests {
     #[test]
     fn writes_whole_file_and_leaves_no_partial() {
-        let dir = std::env::temp_dir().join(format!("vqt-fs-{}", std::process::id())).join("sub");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("sub");
         let p = dir.join("run.json");
         super::write_atomic(&p, b"{}").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"{}");
@@ -44,8 +45,8 @@ mod tests {
 
     #[test]
     fn a_failed_write_leaves_no_partial_file() {
-        let dir = std::env::temp_dir().join(format!("vqt-fs-fail-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         // The rename fails (the target is a non-empty directory): the temporary file goes too.
         let target = dir.join("occupied");
         std::fs::create_dir_all(target.join("x")).unwrap();

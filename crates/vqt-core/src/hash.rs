@@ -40,8 +40,8 @@ mod tests {
 
     #[test]
     fn sha256_of_known_content() {
-        let dir = std::env::temp_dir().join(format!("vqt-hash-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let p = dir.join("abc.txt");
         std::fs::write(&p, b"abc").unwrap();
         assert_eq!(

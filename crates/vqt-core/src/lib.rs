@@ -18,6 +18,8 @@ pub mod hash;
 pub mod mem;
 pub mod process;
 pub mod tensor_map;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use checkpoint::{CheckpointError, CheckpointFormat, load_checkpoint};
 pub use device::{BackendKind, DeviceError, make_device};

@@ -4,11 +4,9 @@
 use std::path::{Path, PathBuf};
 use vqt_core::data::files::{load, read_fgvc, read_image_folder, read_vtab_split, vtab_task, Entry};
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vqt-data-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh temp directory for one test, removed when dropped.
+fn tmp(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("vqt-data-{tag}-")).tempdir().unwrap()
 }
 
 fn png(path: &Path, shade: u8, rgb: bool) {
@@ -38,7 +36,8 @@ fn err(r: Result<impl std::fmt::Debug, vqt_core::data::DataError>) -> String {
 
 #[test]
 fn noah_layout_with_aliases_reads_and_decodes() {
-    let root = tmp("noah");
+    let dir = tmp("noah");
+    let root = dir.path();
     noah(&root, "images/train800/000000.png 3\nimages/train800/000001.png\t7\r\nimages/train800/with space.png  99\n\n");
     let entries = read_vtab_split(&root, "CIFAR100", "train800", false).unwrap();
     assert_eq!(entries.iter().map(|e| e.label).collect::<Vec<_>>(), vec![3, 7, 99]);
@@ -54,7 +53,8 @@ fn noah_layout_with_aliases_reads_and_decodes() {
 
 #[test]
 fn bad_lists_name_file_and_line() {
-    let root = tmp("badlist");
+    let dir = tmp("badlist");
+    let root = dir.path();
     let f = noah(&root, "images/train800/000000.png 3\nimages/train800/000001.png\n");
     let e = err(read_vtab_split(&root, "cifar", "train800", false));
     assert!(e.contains(&format!("{}: line 2: expected `path label`", f.display())), "{e}");
@@ -75,7 +75,8 @@ fn bad_lists_name_file_and_line() {
 
 #[test]
 fn bad_images_and_labels_stop_or_are_skipped_and_counted() {
-    let root = tmp("badimg");
+    let dir = tmp("badimg");
+    let root = dir.path();
     let f = noah(&root, "images/train800/000000.png 3\nimages/train800/gone.png 1\nimages/train800/broken.png 2\nimages/train800/000001.png 12\n");
     std::fs::write(root.join("cifar/images/train800/broken.png"), b"not a png at all").unwrap();
     let entries = read_vtab_split(&root, "cifar", "train800", false).unwrap();
@@ -103,7 +104,8 @@ fn bad_images_and_labels_stop_or_are_skipped_and_counted() {
 #[test]
 fn synqt_json_variant_fgvc_and_image_folder() {
     // SynQT: train800val200.json, images under images/.
-    let root = tmp("synqt");
+    let dir = tmp("synqt");
+    let root = dir.path();
     let task = root.join("dtd");
     png(&task.join("images/a/x.png"), 1, true);
     std::fs::write(task.join("train800val200.json"), r#"[{"a/x.png": 4}]"#).unwrap();
@@ -113,7 +115,8 @@ fn synqt_json_variant_fgvc_and_image_folder() {
     assert!(err(read_vtab_split(&root, "dtd", "test", false)).contains("item 0: expected one"));
 
     // FGVC: class ids 5, 9, 7 -> 0, 2, 1 across the three files.
-    let root = tmp("fgvc");
+    let dir = tmp("fgvc");
+    let root = dir.path();
     for (n, s) in [("a.png", 1), ("b.png", 2), ("c.png", 3)] {
         png(&root.join("images").join(n), s, true);
     }
@@ -128,7 +131,8 @@ fn synqt_json_variant_fgvc_and_image_folder() {
     assert!(err(read_fgvc(&root, Path::new("images"))).contains("val.json: the split is empty"));
 
     // ImageFolder: sorted class folders.
-    let root = tmp("folder");
+    let dir = tmp("folder");
+    let root = dir.path();
     png(&root.join("zebra/1.png"), 1, false);
     png(&root.join("ant/2.png"), 2, true);
     png(&root.join("ant/3.PNG"), 3, true);
@@ -136,5 +140,5 @@ fn synqt_json_variant_fgvc_and_image_folder() {
     let (entries, classes) = read_image_folder(&root).unwrap();
     assert_eq!(classes, vec!["ant", "zebra"]);
     assert_eq!(entries.iter().map(|e| e.label).collect::<Vec<_>>(), vec![0, 0, 1]);
-    assert!(err(read_image_folder(&tmp("emptyfolder"))).contains("no images"));
+    assert!(err(read_image_folder(tmp("emptyfolder").path())).contains("no images"));
 }

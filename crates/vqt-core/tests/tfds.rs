@@ -140,14 +140,15 @@ fn loading_decodes_every_split_and_bad_input_is_one_line() {
     // A missing dataset, a missing version, a split the dataset lacks.
     let e = load_vtab(&root, "dtd", "train800", false, 1).unwrap_err().to_string();
     assert!(e.contains("dtd") && e.contains("no TFDS dataset `dtd` here"), "{e}");
-    let tmp = std::env::temp_dir().join(format!("vqt-tfds-{}", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
     std::fs::create_dir_all(tmp.join("cifar100/2.0.0")).unwrap();
     std::fs::write(tmp.join("cifar100/2.0.0/dataset_info.json"), "{}").unwrap();
-    let e = load_vtab(&tmp, "cifar", "train800", false, 1).unwrap_err().to_string();
+    let e = load_vtab(tmp, "cifar", "train800", false, 1).unwrap_err().to_string();
     assert!(e.contains("no prepared version") && e.contains("3.0.2") && e.contains("found: 2.0.0"), "{e}");
     // A slice beyond the split (the fixture's eurosat has 1351 records, fewer than real).
-    std::fs::remove_dir_all(&tmp).unwrap();
-    let small = copy_dataset(&root.join("cifar100/3.0.2"), "small");
+    let copy = tempfile::tempdir().unwrap();
+    let small = copy_dataset(&root.join("cifar100/3.0.2"), copy.path());
     let info = small.join("dataset_info.json");
     let text = std::fs::read_to_string(&info).unwrap().replace("\"503\"", "\"103\"");
     std::fs::write(&info, text).unwrap();
@@ -155,8 +156,9 @@ fn loading_decodes_every_split_and_bad_input_is_one_line() {
     assert!(e.contains("dataset_info.json") && e.contains("only"), "{e}");
 }
 
-fn copy_dataset(dir: &Path, tag: &str) -> PathBuf {
-    let out = std::env::temp_dir().join(format!("vqt-tfds-{tag}-{}", std::process::id())).join("cifar100/3.0.2");
+/// The dataset version folder `dir` copied to `<into>/cifar100/3.0.2`, that copy's path.
+fn copy_dataset(dir: &Path, into: &Path) -> PathBuf {
+    let out = into.join("cifar100/3.0.2");
     std::fs::create_dir_all(&out).unwrap();
     for f in std::fs::read_dir(dir).unwrap() {
         let f = f.unwrap();

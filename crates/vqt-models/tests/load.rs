@@ -27,11 +27,8 @@ fn tiny_a() -> VitConfig {
     }
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vqt-load-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(tag: &str) -> vqt_core::testing::TestDir {
+    vqt_core::testing::TestDir::new(&format!("load-{tag}"))
 }
 
 fn load_err(cfg: &VitConfig, path: &Path, format: CheckpointFormat) -> String {

@@ -41,8 +41,7 @@ fn bf16_models_train_save_and_reload() {
     }
     assert!(losses.iter().all(|l| l.is_finite()) && losses[5] < losses[0], "bf16 training does not fit one batch: {losses:?}");
 
-    let dir = std::env::temp_dir().join(format!("vqt-precision-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = vqt_core::testing::TestDir::new("precision");
     let path = dir.join("trainable.safetensors");
     save_trainable(&model, &path).unwrap();
     let x = images(&plain, 3, 50);

@@ -119,13 +119,14 @@ fn initial_model(vqt: bool) -> (TrunkModel, Tensor<4>) {
 fn train_losses(mut model: TrunkModel, data: &Tensor<4>, cached: Option<(CacheKind, CacheDtype)>, mapped: bool) -> Vec<f32> {
     let plain = Device::flex();
     let ad = plain.clone().autodiff();
+    let dir = vqt_core::testing::TestDir::new("train-cache");
     let cache = cached.map(|(kind, dtype)| {
         let batches = (0..4).map(|i| data.clone().narrow(0, 2 * i, 2)); // built in other batch sizes than used
         let c = FeatureCache::build(&model.backbone, batches, kind, dtype, |_| {});
         if !mapped {
             return c;
         }
-        let path = std::env::temp_dir().join(format!("vqt-train-cache-{}-{kind:?}-{dtype:?}.cache", std::process::id()));
+        let path = dir.join(format!("{kind:?}-{dtype:?}.cache"));
         let key = serde_json::json!({"test": "train_losses"});
         c.save(&path, &key).unwrap();
         FeatureCache::open(&path, &key).unwrap()
@@ -253,8 +254,7 @@ fn cache_file_round_trip_and_errors() {
     plain.seed(21);
     let vit = tiny().init(&plain);
     let data = images(&plain, 6, 22);
-    let dir = std::env::temp_dir().join(format!("vqt-cache-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = vqt_core::testing::TestDir::new("cache");
     for (kind, dtype) in [(CacheKind::Kv, CacheDtype::F32), (CacheKind::Kv, CacheDtype::F16), (CacheKind::Hidden, CacheDtype::F16)] {
         let mem = FeatureCache::build(&vit, [data.clone()], kind, dtype, |_| {});
         let path = dir.join(format!("{kind:?}-{dtype:?}.cache"));

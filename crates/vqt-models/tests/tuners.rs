@@ -262,8 +262,7 @@ fn trainable_parameters_save_and_load_alone() {
         let grads = GradientsParams::from_grads(out.loss.backward(), &model);
         model = optim.step(1e-2, model, grads);
     }
-    let dir = std::env::temp_dir().join(format!("vqt-trainable-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = vqt_core::testing::TestDir::new("trainable");
     let path = dir.join("trainable.safetensors");
     let names = save_trainable(&model, &path).unwrap();
     assert!(names.contains(&"backbone.blocks.0.attn.lora.q.a".to_string()), "{names:?}");

@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn one_writer_at_a_time() {
-        let dir = std::env::temp_dir().join(format!("vqt-lock-{}", std::process::id()));
+        let dir = vqt_core::testing::TestDir::new("lock");
         let first = lock(&dir).unwrap();
         let e = lock(&dir).unwrap_err().to_string();
         assert!(e.contains("another vqt-train process is writing a run here"), "{e}");

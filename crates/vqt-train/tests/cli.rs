@@ -7,14 +7,14 @@ use std::process::Command;
 mod common;
 use common::{bin, config, dataset, root, tmp, vtab_task_tree};
 
-static ERR_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-fn train_ok(tag: &str, method: &str, cache: &str, backend: &str, extra: &[&str]) -> serde_json::Value {
+/// Trains in a fresh temp dir (returned with the run record; its run is `dir/run`).
+fn train_ok(tag: &str, method: &str, cache: &str, backend: &str, extra: &[&str]) -> (vqt_core::testing::TestDir, serde_json::Value) {
     let d = tmp(tag);
     let cfg = config(&d, method, cache);
     let rec = train_in(tag, &cfg, &d.join("run"), backend, extra);
     assert_eq!(rec["split_sizes"], serde_json::json!([48, 12, 30]));
-    rec
+    (d, rec)
 }
 
 /// Runs the binary; on a GPU-runtime backend within `VQT_GPU_CHECK_LIMIT_S` (default 900 s), so a
@@ -39,7 +39,7 @@ fn train_in(tag: &str, cfg: &Path, out: &Path, backend: &str, extra: &[&str]) ->
 
 #[test]
 fn vqt_trains_from_the_cache_on_cpu_and_learns() {
-    let rec = train_ok("vqt-cpu", "kind = \"vqt\"\nnum_queries = 2", "kv", "cpu", &[]);
+    let (_dir, rec) = train_ok("vqt-cpu", "kind = \"vqt\"\nnum_queries = 2", "kv", "cpu", &[]);
     assert_eq!(rec["method"], "vqt");
     assert_eq!(rec["trainable_params"], 4 * 2 * 64 + (64 * (1 + 4 * 2) + 1) * 3);
     assert_eq!(rec["cache"]["mode"], "kv");
@@ -57,7 +57,7 @@ fn vqt_trains_from_the_cache_on_cpu_and_learns() {
 
 #[test]
 fn synqt_trains_without_cache_on_wgpu() {
-    let rec = train_ok(
+    let (dir, rec) = train_ok(
         "synqt-wgpu",
         "kind = \"synqt\"\nnum_tokens = 1\nfeat_scale = 0.1\nattn_scale = 0.1\nffn_scale = 0.1",
         "off",
@@ -70,7 +70,7 @@ fn synqt_trains_without_cache_on_wgpu() {
     // The recorded accuracy is a real score of the saved model: `eval` on the same backend
     // rebuilds the model from run.json and the trainable file and gets the same number.
     let acc = rec["test_accuracy"].as_f64().unwrap();
-    let run = std::env::temp_dir().join(format!("vqt-train-cli-synqt-wgpu-{}", std::process::id())).join("run");
+    let run = dir.join("run");
     let o = run_on("wgpu-cpu", bin().args(["eval", "--backend", "wgpu-cpu", "--run"]).arg(&run));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let want = format!("Test accuracy {acc:.2}% (30 images)");
@@ -80,8 +80,7 @@ fn synqt_trains_without_cache_on_wgpu() {
 fn err_of(args: &[&str]) -> String {
     // In a fresh working directory, so the default `--out runs/latest` of one test never meets
     // another test's run.
-    let cwd = std::env::temp_dir().join(format!("vqt-train-cli-cwd-{}-{}", std::process::id(), ERR_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
-    std::fs::create_dir_all(&cwd).unwrap();
+    let cwd = tmp("cwd");
     let o = bin().current_dir(&cwd).args(args).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{args:?}");
     let e = String::from_utf8_lossy(&o.stderr).to_string();
@@ -145,14 +144,14 @@ const ADAPTFORMER: &str = "kind = \"linear\"\n[tuners.adaptformer]\nbottleneck =
 /// A tuned method (AdaptFormer, full path) and VQT from the feature cache (trunk path) through
 /// the binary on a GPU-runtime backend.
 fn tuned_and_cached_vqt_train_on(backend: &str) {
-    let rec = train_ok(&format!("af-{backend}"), ADAPTFORMER, "auto", backend, &["--set", "train.epochs=2"]);
+    let (_dir, rec) = train_ok(&format!("af-{backend}"), ADAPTFORMER, "auto", backend, &["--set", "train.epochs=2"]);
     assert_eq!(rec["method"], "adaptformer");
     assert_eq!(rec["path"], "full");
     assert!(rec["cache"].is_null(), "a tuned trunk cannot be cached");
     // 4 blocks x (64*4 + 4 + 4*64 + 64) adapter params + the 64x3 head.
     assert_eq!(rec["trainable_params"], 4 * (64 * 4 + 4 + 4 * 64 + 64) + 64 * 3 + 3);
     assert_eq!(rec["epochs"].as_array().unwrap().len(), 2);
-    let rec = train_ok(&format!("vqt-{backend}"), "kind = \"vqt\"\nnum_queries = 1", "auto", backend, &["--set", "train.epochs=2"]);
+    let (_dir, rec) = train_ok(&format!("vqt-{backend}"), "kind = \"vqt\"\nnum_queries = 1", "auto", backend, &["--set", "train.epochs=2"]);
     assert_eq!((rec["method"].as_str(), rec["path"].as_str(), rec["cache"]["mode"].as_str()), (Some("vqt"), Some("trunk"), Some("kv")));
     assert!(rec["test_accuracy"].as_f64().is_some_and(f64::is_finite), "{rec}");
 }
@@ -268,7 +267,7 @@ fn a_non_finite_loss_stops_with_a_one_line_error_and_no_run_record() {
 
 #[test]
 fn gradient_accumulation_and_early_stopping_are_wired() {
-    let rec = train_ok(
+    let (_dir, rec) = train_ok(
         "accum",
         "kind = \"linear\"",
         "auto",

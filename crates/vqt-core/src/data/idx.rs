@@ -99,10 +99,9 @@ mod tests {
         out
     }
 
-    fn tmp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("vqt-idx-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(name);
+    /// `bytes` written to `name` in `dir`.
+    fn tmp(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let p = dir.path().join(name);
         std::fs::write(&p, bytes).unwrap();
         p
     }
@@ -115,9 +114,10 @@ mod tests {
 
     #[test]
     fn reads_plain_and_gzipped_pairs() {
+        let d = tempfile::tempdir().unwrap();
         let pixels: Vec<u8> = (0..2 * 3 * 2).map(|x| x as u8).collect();
-        let images = tmp("img.idx", &idx(&[2, 3, 2], &pixels));
-        let labels = tmp("lab.idx.gz", &gz(&idx(&[2], &[7, 1])));
+        let images = tmp(&d, "img.idx", &idx(&[2, 3, 2], &pixels));
+        let labels = tmp(&d, "lab.idx.gz", &gz(&idx(&[2], &[7, 1])));
         let s = read_idx_pair(&images, &labels, 10).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!((s[1].label, s[1].image.height, s[1].image.width), (1, 3, 2));
@@ -126,19 +126,20 @@ mod tests {
 
     #[test]
     fn bad_files_name_the_file_and_problem() {
-        let images = tmp("i2.idx", &idx(&[2, 2, 2], &[0; 8]));
-        let short = tmp("short.idx", &idx(&[2, 2, 2], &[0; 7]));
+        let d = tempfile::tempdir().unwrap();
+        let images = tmp(&d, "i2.idx", &idx(&[2, 2, 2], &[0; 8]));
+        let short = tmp(&d, "short.idx", &idx(&[2, 2, 2], &[0; 7]));
         let e = read_idx_pair(&short, &images, 10).unwrap_err().to_string();
         assert!(e.contains("short.idx: header says [2, 2, 2] (8 bytes of data) but the file has 7"), "{e}");
-        let labels3 = tmp("l3.idx", &idx(&[3], &[0, 1, 2]));
+        let labels3 = tmp(&d, "l3.idx", &idx(&[3], &[0, 1, 2]));
         let e = read_idx_pair(&images, &labels3, 10).unwrap_err().to_string();
         assert!(e.contains("l3.idx: has [3] labels but") && e.contains("i2.idx has 2 images"), "{e}");
-        let big = tmp("big.idx", &idx(&[2], &[0, 12]));
+        let big = tmp(&d, "big.idx", &idx(&[2], &[0, 12]));
         let e = read_idx_pair(&images, &big, 10).unwrap_err().to_string();
         assert!(e.contains("big.idx: label 12 at index 1 is out of range for 10 classes"), "{e}");
-        let junk = tmp("junk.idx", b"PK\x03\x04 not idx");
+        let junk = tmp(&d, "junk.idx", b"PK\x03\x04 not idx");
         assert!(read_idx(&junk).unwrap_err().to_string().contains("junk.idx: not an IDX file"));
-        let badgz = tmp("bad.gz", &[0x1f, 0x8b, 8, 0, 1, 2, 3]);
+        let badgz = tmp(&d, "bad.gz", &[0x1f, 0x8b, 8, 0, 1, 2, 3]);
         assert!(read_idx(&badgz).unwrap_err().to_string().contains("bad.gz: bad gzip stream"));
         let e = read_idx(std::path::Path::new("/nope/train.idx")).unwrap_err().to_string();
         assert!(e.starts_with("/nope/train.idx: "), "{e}");

@@ -719,8 +719,8 @@ mod tests {
 
     #[test]
     fn records_are_sliced_checked_and_damage_is_one_line_or_skipped() {
-        let dir = std::env::temp_dir().join(format!("vqt-tfrecord-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("x.tfrecord");
         let recs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 3 + i as usize]).collect();
         let bytes: Vec<u8> = recs.iter().flat_map(|r| frame(r)).collect();

@@ -17,12 +17,9 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A fresh temp directory for one test (`tag`), removed first if an earlier run left it.
-pub fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vqt-train-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh temp directory for one test (`tag`), removed when dropped unless the test fails.
+pub fn tmp(tag: &str) -> vqt_core::testing::TestDir {
+    vqt_core::testing::TestDir::new(&format!("train-cli-{tag}"))
 }
 
 /// Writes a gzip IDX file (`dims`, u8 `data`).
