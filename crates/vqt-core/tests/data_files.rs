@@ -38,8 +38,8 @@ fn err(r: Result<impl std::fmt::Debug, vqt_core::data::DataError>) -> String {
 fn noah_layout_with_aliases_reads_and_decodes() {
     let dir = tmp("noah");
     let root = dir.path();
-    noah(&root, "images/train800/000000.png 3\nimages/train800/000001.png\t7\r\nimages/train800/with space.png  99\n\n");
-    let entries = read_vtab_split(&root, "CIFAR100", "train800", false).unwrap();
+    noah(root, "images/train800/000000.png 3\nimages/train800/000001.png\t7\r\nimages/train800/with space.png  99\n\n");
+    let entries = read_vtab_split(root, "CIFAR100", "train800", false).unwrap();
     assert_eq!(entries.iter().map(|e| e.label).collect::<Vec<_>>(), vec![3, 7, 99]);
     assert!(entries[2].path.ends_with("images/train800/with space.png"));
     assert!(entries[1].origin.ends_with("train800.txt:2"));
@@ -55,21 +55,21 @@ fn noah_layout_with_aliases_reads_and_decodes() {
 fn bad_lists_name_file_and_line() {
     let dir = tmp("badlist");
     let root = dir.path();
-    let f = noah(&root, "images/train800/000000.png 3\nimages/train800/000001.png\n");
-    let e = err(read_vtab_split(&root, "cifar", "train800", false));
+    let f = noah(root, "images/train800/000000.png 3\nimages/train800/000001.png\n");
+    let e = err(read_vtab_split(root, "cifar", "train800", false));
     assert!(e.contains(&format!("{}: line 2: expected `path label`", f.display())), "{e}");
-    noah(&root, "images/train800/000000.png three\n");
-    assert!(err(read_vtab_split(&root, "cifar", "train800", false)).contains("line 1: label `three` is not a non-negative integer"));
+    noah(root, "images/train800/000000.png three\n");
+    assert!(err(read_vtab_split(root, "cifar", "train800", false)).contains("line 1: label `three` is not a non-negative integer"));
     // Two numbers after the path: a malformed line, not the path `000000.png 5`.
-    noah(&root, "images/train800/000000.png 5 7\n");
-    let e = err(read_vtab_split(&root, "cifar", "train800", false));
+    noah(root, "images/train800/000000.png 5 7\n");
+    let e = err(read_vtab_split(root, "cifar", "train800", false));
     assert!(e.contains("line 1: `images/train800/000000.png 5 7` ends in two numbers"), "{e}");
-    noah(&root, "\n  \n");
-    assert!(err(read_vtab_split(&root, "cifar", "train800", false)).contains("train800.txt: the split is empty"));
-    noah(&root, "images/train800/000000.png 3\n");
-    let e = err(read_vtab_split(&root, "cifar", "train800", true));
+    noah(root, "\n  \n");
+    assert!(err(read_vtab_split(root, "cifar", "train800", false)).contains("train800.txt: the split is empty"));
+    noah(root, "images/train800/000000.png 3\n");
+    let e = err(read_vtab_split(root, "cifar", "train800", true));
     assert!(e.contains("1 lines, but VTAB-1k's train800 has 800"), "{e}");
-    let e = err(read_vtab_split(&root, "cifar", "val200", false));
+    let e = err(read_vtab_split(root, "cifar", "val200", false));
     assert!(e.contains("val200.txt"), "{e}");
 }
 
@@ -77,9 +77,9 @@ fn bad_lists_name_file_and_line() {
 fn bad_images_and_labels_stop_or_are_skipped_and_counted() {
     let dir = tmp("badimg");
     let root = dir.path();
-    let f = noah(&root, "images/train800/000000.png 3\nimages/train800/gone.png 1\nimages/train800/broken.png 2\nimages/train800/000001.png 12\n");
+    let f = noah(root, "images/train800/000000.png 3\nimages/train800/gone.png 1\nimages/train800/broken.png 2\nimages/train800/000001.png 12\n");
     std::fs::write(root.join("cifar/images/train800/broken.png"), b"not a png at all").unwrap();
-    let entries = read_vtab_split(&root, "cifar", "train800", false).unwrap();
+    let entries = read_vtab_split(root, "cifar", "train800", false).unwrap();
     let e = err(load(&entries, 10, false, 2));
     assert!(e.contains(&format!("{}:4: label 12 is out of range for 10 classes", f.display())), "{e}");
     let e = err(load(&entries[..3], 10, false, 2));
@@ -109,10 +109,10 @@ fn synqt_json_variant_fgvc_and_image_folder() {
     let task = root.join("dtd");
     png(&task.join("images/a/x.png"), 1, true);
     std::fs::write(task.join("train800val200.json"), r#"[{"a/x.png": 4}]"#).unwrap();
-    let e = read_vtab_split(&root, "dtd", "train800val200", false).unwrap();
+    let e = read_vtab_split(root, "dtd", "train800val200", false).unwrap();
     assert_eq!(e, vec![Entry { path: task.join("images/a/x.png"), label: 4, origin: format!("{} item 0", task.join("train800val200.json").display()) }]);
     std::fs::write(task.join("test.json"), r#"[{"a/x.png": 4, "b.png": 1}]"#).unwrap();
-    assert!(err(read_vtab_split(&root, "dtd", "test", false)).contains("item 0: expected one"));
+    assert!(err(read_vtab_split(root, "dtd", "test", false)).contains("item 0: expected one"));
 
     // FGVC: class ids 5, 9, 7 -> 0, 2, 1 across the three files.
     let dir = tmp("fgvc");
@@ -123,12 +123,12 @@ fn synqt_json_variant_fgvc_and_image_folder() {
     std::fs::write(root.join("train.json"), r#"{"a.png": 5, "b.png": 9}"#).unwrap();
     std::fs::write(root.join("val.json"), r#"{"c.png": 7}"#).unwrap();
     std::fs::write(root.join("test.json"), r#"{"a.png": 9}"#).unwrap();
-    let ([train, val, test], classes) = read_fgvc(&root, Path::new("images")).unwrap();
+    let ([train, val, test], classes) = read_fgvc(root, Path::new("images")).unwrap();
     assert_eq!(classes, 3);
     assert_eq!(train.iter().map(|e| e.label).collect::<Vec<_>>(), vec![0, 2]);
     assert_eq!((val[0].label, test[0].label), (1, 2));
     std::fs::write(root.join("val.json"), "{}").unwrap();
-    assert!(err(read_fgvc(&root, Path::new("images"))).contains("val.json: the split is empty"));
+    assert!(err(read_fgvc(root, Path::new("images"))).contains("val.json: the split is empty"));
 
     // ImageFolder: sorted class folders.
     let dir = tmp("folder");
@@ -137,7 +137,7 @@ fn synqt_json_variant_fgvc_and_image_folder() {
     png(&root.join("ant/2.png"), 2, true);
     png(&root.join("ant/3.PNG"), 3, true);
     std::fs::write(root.join("ant/notes.txt"), "x").unwrap();
-    let (entries, classes) = read_image_folder(&root).unwrap();
+    let (entries, classes) = read_image_folder(root).unwrap();
     assert_eq!(classes, vec!["ant", "zebra"]);
     assert_eq!(entries.iter().map(|e| e.label).collect::<Vec<_>>(), vec![0, 0, 1]);
     assert!(err(read_image_folder(tmp("emptyfolder").path())).contains("no images"));
