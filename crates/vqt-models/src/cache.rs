@@ -98,38 +98,21 @@ impl Store {
         }
     }
 
-    /// The stored values as bytes shared with this store (no copy), in RAM or mapped, with
-    /// their dtype.
+    /// The stored values as bytes shared with this store (no copy: the bytes keep a clone of
+    /// the store, whose buffers are shared), in RAM or mapped, with their dtype.
     fn shared(&self) -> (bytes::Bytes, burn::tensor::DType) {
-        struct InRam(std::sync::Arc<Vec<f32>>);
-        impl AsRef<[u8]> for InRam {
+        struct Shared(Store);
+        impl AsRef<[u8]> for Shared {
             fn as_ref(&self) -> &[u8] {
-                bytemuck_f32(&self.0)
+                self.0.raw_bytes()
             }
         }
-        struct InRamF16(std::sync::Arc<Vec<half::f16>>);
-        impl AsRef<[u8]> for InRamF16 {
-            fn as_ref(&self) -> &[u8] {
-                // SAFETY: f16 is a plain 2-byte value type with no padding.
-                unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u8, self.0.len() * 2) }
-            }
-        }
-        struct Section(std::sync::Arc<memmap2::Mmap>, std::ops::Range<usize>);
-        impl AsRef<[u8]> for Section {
-            fn as_ref(&self) -> &[u8] {
-                &self.0[self.1.clone()]
-            }
-        }
-        use burn::tensor::DType;
-        match self {
-            Store::F32(v) => (bytes::Bytes::from_owner(InRam(v.clone())), DType::F32),
-            Store::F16(v) => (bytes::Bytes::from_owner(InRamF16(v.clone())), DType::F16),
-            // Sections start 64-byte aligned in the file, and the map at a page.
-            Store::Mapped { map, offset, elems, dtype } => {
-                let section = bytes::Bytes::from_owner(Section(map.clone(), *offset..*offset + elems * dtype.size()));
-                (section, if *dtype == CacheDtype::F32 { DType::F32 } else { DType::F16 })
-            }
-        }
+        let dtype = match self {
+            Store::F32(_) | Store::Mapped { dtype: CacheDtype::F32, .. } => burn::tensor::DType::F32,
+            Store::F16(_) | Store::Mapped { dtype: CacheDtype::F16, .. } => burn::tensor::DType::F16,
+        };
+        // Mapped sections start 64-byte aligned in the file, and the map at a page.
+        (bytes::Bytes::from_owner(Shared(self.clone())), dtype)
     }
 
     fn bytes(&self) -> usize {
