@@ -172,7 +172,21 @@ impl TrunkModel {
 
     /// Logits for a batch input (deterministic trunk).
     pub fn forward(&self, input: TrunkInput) -> Tensor<2> {
-        let trunk = self.trunk_pass(input, TrunkNoise::default(), self.method.reads_kv());
+        self.logits(input, TrunkNoise::default())
+    }
+
+    /// Logits with the given trunk randomness. VQT over images without autodiff (inference)
+    /// lets its queries ride along in the trunk's products ([`Vqt::forward_images`]: the same
+    /// logits to rounding, without copying out any layer's keys and values); otherwise the
+    /// trunk pass and the method run apart.
+    fn logits(&self, input: TrunkInput, noise: TrunkNoise) -> Tensor<2> {
+        if let (TrunkInput::Images(images), QueryMethod::Vqt(vqt)) = (&input, &self.method) {
+            let plain = !vqt.queries.device().is_autodiff() && !self.backbone.cls_token.device().is_autodiff();
+            if plain && noise.is_off() {
+                return vqt.forward_images(&self.backbone, images.clone());
+            }
+        }
+        let trunk = self.trunk_pass(input, noise, self.method.reads_kv());
         self.method.forward(&self.backbone, &trunk)
     }
 
@@ -188,8 +202,7 @@ impl TrunkModel {
     }
 
     fn classification(&self, batch: TrunkBatch, noise: TrunkNoise) -> ClassificationOutput {
-        let trunk = self.trunk_pass(batch.input, noise, self.method.reads_kv());
-        let logits = self.method.forward(&self.backbone, &trunk);
+        let logits = self.logits(batch.input, noise);
         let targets = batch.targets.to_device(&logits.device());
         let mut loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), targets.clone());
         if let Some(p) = self.method.penalty() {

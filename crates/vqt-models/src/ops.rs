@@ -214,12 +214,16 @@ pub fn flex_attention_rows(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, rows: &[usi
 /// `heads` heads, `[B, H, N, Dh]`, through [`attention::FastAttention::fast_attention_packed`]
 /// on Flex in f32: the heads are read where the projection wrote them and, under autodiff, the
 /// backward returns one gradient for `qkv` (split into three copies, Burn's slicing backward
-/// would zero-fill a tensor of `qkv`'s size per part and sum the three). `Ok` also hands `qkv`
-/// back (a caller keeping the keys and values copies them out of it); `Err(qkv)` where the
-/// extension does not apply (another backend or dtype, fewer than 16 tokens, or one of the A/B
-/// switches [`use_burn_flex_attention`] and [`use_split_qkv`] set).
-pub fn flex_attention_packed(qkv: Tensor<3>, heads: usize) -> Result<(Tensor<4>, Tensor<3>), Tensor<3>> {
+/// would zero-fill a tensor of `qkv`'s size per part and sum the three). Every row is a query;
+/// the first `keys` rows (`1 ..= N`; `N` for plain self-attention) are the keys and values,
+/// so rows after them (VQT's queries riding along with the trunk's tokens) read the tokens
+/// without being read. `Ok` also hands `qkv` back (a caller keeping the keys and values copies
+/// them out of it); `Err(qkv)` where the extension does not apply (another backend or dtype,
+/// fewer than 16 rows, or one of the A/B switches [`use_burn_flex_attention`] and
+/// [`use_split_qkv`] set).
+pub fn flex_attention_packed(qkv: Tensor<3>, heads: usize, keys: usize) -> Result<(Tensor<4>, Tensor<3>), Tensor<3>> {
     let [_, n, width] = qkv.dims();
+    assert!(keys >= 1 && keys <= n, "attention: {keys} key rows of a fused qkv with {n} rows");
     let usable = is_flex(&qkv.device())
         && qkv.dtype() == burn::tensor::DType::F32
         && n >= MIN_QUERY_ROWS
@@ -231,7 +235,7 @@ pub fn flex_attention_packed(qkv: Tensor<3>, heads: usize) -> Result<(Tensor<4>,
         return Err(qkv);
     }
     let scale = 1.0 / ((width / (3 * heads)) as f32).sqrt();
-    Ok((attention::attention_packed_flex(qkv.clone(), heads, scale), qkv))
+    Ok((attention::attention_packed_flex(qkv.clone(), heads, keys, scale), qkv))
 }
 
 static SPLIT_QKV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

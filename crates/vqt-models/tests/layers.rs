@@ -200,3 +200,30 @@ fn a_model_without_layers_keeps_every_block_on_the_tape() {
     assert_eq!(model.frozen_prefix, 0);
     assert!(model.trunk(TrunkInput::Images(images(&plain, 2, 1))).kv[0].0.is_autodiff());
 }
+
+#[test]
+#[allow(deprecated)] // Device::ndarray: the split-parts route of the attention
+fn vqt_inference_with_the_queries_riding_along_equals_the_trunk_path() {
+    use vqt_models::QueryMethod;
+    let vqt = MethodSpec::Vqt(VqtConfig { num_queries: 2, query_dropout: 0.1 });
+    let mut all = vec![("no tuner", TunersConfig::default())];
+    all.extend(kinds());
+    for plain in [Device::flex(), Device::ndarray()] {
+        plain.seed(5);
+        let vit = tiny().init(&plain);
+        let x = images(&plain, 3, 6);
+        for (name, t) in &all {
+            let spec = ModelSpec { method: vqt.clone(), tuners: t.clone() };
+            // Trained-looking tuners, queries and head (the tuners start at the identity), in
+            // eval: the plain model inference runs.
+            let model = spec.build(vit.clone(), CLASSES).unwrap().fork(&plain.clone().autodiff()).map(&mut Nudge(0)).valid();
+            let QueryMethod::Vqt(v) = &model.method else { unreachable!() };
+            let riding = HostTensor::from_tensor(v.forward_images(&model.backbone, x.clone()));
+            let apart = HostTensor::from_tensor(v.forward(&model.backbone, &model.backbone.forward_kv(x.clone())));
+            let d = riding.max_abs_diff(&apart).unwrap();
+            assert!(d < 1e-4, "{name} on {plain:?}: the queries riding along change the logits by {d}");
+            // Inference takes that route.
+            assert!(HostTensor::from_tensor(model.forward(TrunkInput::Images(x.clone()))) == riding, "{name}: TrunkModel::forward");
+        }
+    }
+}

@@ -43,11 +43,13 @@ pub trait FastAttention: Backend {
     fn fast_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self>;
     /// Self-attention of a fused projection `qkv: [B, N, 3·H·Dh]` (q, k and v side by side,
     /// head h of each owning columns `h·Dh .. (h+1)·Dh` of its third, as timm's fused qkv),
-    /// read in place (rows at any stride, columns contiguous or not), giving `[B, H, N, Dh]`.
-    /// Under autodiff its backward writes the gradient of `qkv` as one tensor, so the three
-    /// parts are neither copied apart in the forward nor gathered back (zero-filled and
-    /// summed, as slicing's backward would) in the backward.
-    fn fast_attention_packed(qkv: FloatTensor<Self>, heads: usize, scale: f32) -> FloatTensor<Self>;
+    /// read in place (rows at any stride, columns contiguous or not), giving `[B, H, N, Dh]`:
+    /// every row is a query, and the first `keys` rows (`keys ≤ N`; `N` for plain
+    /// self-attention) are the keys and values. Under autodiff its backward writes the
+    /// gradient of `qkv` as one tensor, so the three parts are neither copied apart in the
+    /// forward nor gathered back (zero-filled and summed, as slicing's backward would) in the
+    /// backward.
+    fn fast_attention_packed(qkv: FloatTensor<Self>, heads: usize, keys: usize, scale: f32) -> FloatTensor<Self>;
     /// [`FastAttention::fast_attention`] of `q: [B, H, Nq, Dh]` over keys and values read in
     /// place from larger tensors `k, v: [N, H, Nk, ·]` (the feature cache's whole layer):
     /// image `b` of the batch reads their row `rows[b]`. The keys and values are constants
@@ -59,8 +61,8 @@ impl FastAttention for Flex {
     fn fast_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
         forward(&q, &k, &v, scale, false).0
     }
-    fn fast_attention_packed(qkv: FloatTensor<Self>, heads: usize, scale: f32) -> FloatTensor<Self> {
-        forward_packed(&qkv, heads, scale, false).0
+    fn fast_attention_packed(qkv: FloatTensor<Self>, heads: usize, keys: usize, scale: f32) -> FloatTensor<Self> {
+        forward_packed(&qkv, heads, keys, scale, false).0
     }
     fn fast_attention_rows(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, rows: Vec<usize>, scale: f32) -> FloatTensor<Self> {
         forward_rows(&q, &k, &v, &rows, scale, false).0
@@ -115,20 +117,20 @@ impl<C: CheckpointStrategy> FastAttention for Autodiff<Flex, C> {
         }
     }
 
-    fn fast_attention_packed(qkv: FloatTensor<Self>, heads: usize, scale: f32) -> FloatTensor<Self> {
+    fn fast_attention_packed(qkv: FloatTensor<Self>, heads: usize, keys: usize, scale: f32) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct PackedNode;
 
         impl Backward<Flex, 1> for PackedNode {
-            type State = (NodeId, Probs, usize, f32);
+            type State = (NodeId, Probs, usize, usize, f32);
 
             fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
                 let [node] = ops.parents;
                 let grad = grads.consume::<Flex>(&ops.node);
-                let (state, probs, heads, scale) = ops.state;
+                let (state, probs, heads, keys, scale) = ops.state;
                 let qkv: FlexTensor = checkpointer.retrieve_node_output(state);
                 if let Some(node) = node {
-                    grads.register::<Flex>(node.id, backward_packed(&qkv, heads, &probs.0, &grad, scale));
+                    grads.register::<Flex>(node.id, backward_packed(&qkv, heads, keys, &probs.0, &grad, scale));
                 }
             }
         }
@@ -136,11 +138,11 @@ impl<C: CheckpointStrategy> FastAttention for Autodiff<Flex, C> {
         match PackedNode.prepare::<C>([qkv.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
                 let state = prep.checkpoint(&qkv);
-                let (out, probs) = forward_packed(qkv.primitive(), heads, scale, true);
+                let (out, probs) = forward_packed(qkv.primitive(), heads, keys, scale, true);
                 let probs = Probs(std::sync::Arc::new(probs.expect("kept when asked")));
-                prep.finish((state, probs, heads, scale), out)
+                prep.finish((state, probs, heads, keys, scale), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward_packed(qkv.primitive(), heads, scale, false).0),
+            OpsKind::UnTracked(prep) => prep.finish(forward_packed(qkv.primitive(), heads, keys, scale, false).0),
         }
     }
 
@@ -244,20 +246,21 @@ impl<'a> View<'a> {
     }
 
     /// Part `part` (0 = q, 1 = k, 2 = v) of a fused projection `[B, N, 3·H·Dh]` as the view
-    /// `[B, H, N, Dh]` of its heads.
-    fn packed(t: &'a FlexTensor, heads: usize, part: usize) -> Self {
+    /// `[B, H, rows, Dh]` of its heads' first `rows` rows (`rows ≤ N`).
+    fn packed(t: &'a FlexTensor, heads: usize, part: usize, rows: usize) -> Self {
         let layout = t.layout();
         let shape = layout.shape();
         assert_eq!(shape.num_dims(), 3, "attention: the fused qkv must be [B, N, 3·D], got {shape:?}");
         let [b, n, width] = [shape[0], shape[1], shape[2]];
         assert!(heads > 0 && width % (3 * heads) == 0, "attention: a fused qkv of width {width} does not split into 3 x {heads} heads");
+        assert!(rows <= n, "attention: {rows} key rows of a fused qkv with {n} rows");
         let dh = width / (3 * heads);
         let s = layout.strides();
         Self {
             data: Data::F32(t.storage::<f32>()),
             start: layout.start_offset() as isize + (part * heads * dh) as isize * s[2],
             strides: [s[0], dh as isize * s[2], s[1], s[2]],
-            dims: [b, heads, n, dh],
+            dims: [b, heads, rows, dh],
             rows: None,
         }
     }
@@ -325,10 +328,12 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, scale: f32, keep: boo
     forward_views(&View::of(q, "q"), &View::of(k, "k"), &View::of(v, "v"), scale, keep)
 }
 
-/// [`forward`] of the heads of a fused projection `[B, N, 3·H·Dh]`.
-fn forward_packed(qkv: &FlexTensor, heads: usize, scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
+/// [`forward`] of the heads of a fused projection `[B, N, 3·H·Dh]`: every row a query, the
+/// first `keys` rows the keys and values.
+fn forward_packed(qkv: &FlexTensor, heads: usize, keys: usize, scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
     assert!(qkv.dtype() == DType::F32, "attention: f32 only (the caller routes other dtypes to Burn)");
-    let [q, k, v] = [0, 1, 2].map(|part| View::packed(qkv, heads, part));
+    let n = qkv.layout().shape()[1];
+    let [q, k, v] = [0, 1, 2].map(|part| View::packed(qkv, heads, part, if part == 0 { n } else { keys }));
     forward_views(&q, &k, &v, scale, keep)
 }
 
@@ -574,9 +579,11 @@ fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, probs: &[f32], grad:
 }
 
 /// The gradient of a fused projection `[B, N, 3·H·Dh]` that [`forward_packed`] read: one
-/// contiguous tensor whose three thirds are `dQ`, `dK`, `dV`, written by the head tasks in place.
-fn backward_packed(qkv: &FlexTensor, heads: usize, probs: &[f32], grad: &FlexTensor, scale: f32) -> FlexTensor {
-    let [q, k, v] = [0, 1, 2].map(|part| View::packed(qkv, heads, part));
+/// contiguous tensor whose three thirds are `dQ`, `dK`, `dV`, written by the head tasks in place
+/// (the key and value thirds of rows `keys..` are not read, and their gradient is zero).
+fn backward_packed(qkv: &FlexTensor, heads: usize, keys: usize, probs: &[f32], grad: &FlexTensor, scale: f32) -> FlexTensor {
+    let n = qkv.layout().shape()[1];
+    let [q, k, v] = [0, 1, 2].map(|part| View::packed(qkv, heads, part, if part == 0 { n } else { keys }));
     let [b, _, n, dh] = q.dims;
     let width = 3 * heads * dh;
     let mut out = par_zeros(b * n * width);
@@ -719,9 +726,10 @@ pub(crate) fn attention_rows_flex(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, rows
     Tensor::from_dispatch(<Dispatch as FastAttention>::fast_attention_rows(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), rows.to_vec(), scale))
 }
 
-/// Self-attention of a fused projection `[B, N, 3·H·Dh]` through the extension: `[B, H, N, Dh]`.
-pub(crate) fn attention_packed_flex(qkv: Tensor<3>, heads: usize, scale: f32) -> Tensor<4> {
-    Tensor::from_dispatch(<Dispatch as FastAttention>::fast_attention_packed(qkv.into_dispatch(), heads, scale))
+/// Self-attention of a fused projection `[B, N, 3·H·Dh]` through the extension, its first `keys`
+/// rows the keys and values: `[B, H, N, Dh]`.
+pub(crate) fn attention_packed_flex(qkv: Tensor<3>, heads: usize, keys: usize, scale: f32) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FastAttention>::fast_attention_packed(qkv.into_dispatch(), heads, keys, scale))
 }
 
 #[cfg(test)]
@@ -950,8 +958,9 @@ mod tests {
     }
 
     /// Self-attention of a fused projection read in place, against the three parts split apart
-    /// (ndarray: Burn's composed ops): value, and the gradient of the fused tensor.
-    fn run_packed(device: &Device, qkv: &TensorData, w: &TensorData, strategy: Option<GradientCheckpointingStrategy>, packed: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+    /// (ndarray: Burn's composed ops): value, and the gradient of the fused tensor. Every row is a
+    /// query; the first `keys` rows are the keys and values.
+    fn run_packed(device: &Device, qkv: &TensorData, w: &TensorData, strategy: Option<GradientCheckpointingStrategy>, packed: bool, keys: usize) -> (Vec<f32>, Option<Vec<f32>>) {
         let (heads, d) = (3, 24);
         let mut wide = Tensor::<3>::from_data(qkv.clone(), device);
         if let Some(s) = strategy {
@@ -961,11 +970,12 @@ mod tests {
         // A strided fused output: rows 80 apart (a narrowed wider tensor), 72 columns used.
         let qkv = wide.clone().narrow(2, 5, 3 * d);
         let o = if packed {
-            let (o, _) = crate::ops::flex_attention_packed(qkv, heads).map_err(|_| "the packed route applies").unwrap();
+            let (o, _) = crate::ops::flex_attention_packed(qkv, heads, keys).map_err(|_| "the packed route applies").unwrap();
             crate::vit::merge_heads(o)
         } else {
-            let part = |i: usize| split_heads(qkv.clone().narrow(2, i * d, d), heads);
-            Attention::attend(part(0), part(1), part(2))
+            let part = |i: usize, rows: usize| split_heads(qkv.clone().narrow(2, i * d, d).narrow(1, 0, rows), heads);
+            let n = qkv.dims()[1];
+            Attention::attend(part(0, n), part(1, keys), part(2, keys))
         };
         let out: Vec<f32> = o.clone().into_data().try_to_vec().unwrap();
         if !device.is_autodiff() {
@@ -985,31 +995,46 @@ mod tests {
         let d = Device::flex();
         let qkv = Tensor::<3>::random([2, 17, 80], Distribution::Normal(0.0, 1.5), &d).into_data();
         let w = Tensor::<3>::random([2, 17, 24], Distribution::Normal(0.0, 1.0), &d).into_data();
-        let (v_ref, g_ref) = run_packed(&Device::ndarray().autodiff(), &qkv, &w, None, false);
-        let g_ref = g_ref.unwrap();
-        // Columns 0..5 and 77..80 of the wide tensor are not read: their gradient is zero.
-        for (i, g) in g_ref.iter().enumerate() {
-            if i % 80 < 5 || i % 80 >= 77 {
-                assert_eq!(*g, 0.0);
+        // All 17 rows keys (self-attention), then 15 keys with two query rows riding along.
+        for keys in [17, 15] {
+            let (v_ref, g_ref) = run_packed(&Device::ndarray().autodiff(), &qkv, &w, None, false, keys);
+            let g_ref = g_ref.unwrap();
+            // Columns 0..5 and 77..80 of the wide tensor are not read: their gradient is zero;
+            // so is that of the key and value columns (29..77) of rows after the keys.
+            for (i, g) in g_ref.iter().enumerate() {
+                let (row, col) = ((i / 80) % 17, i % 80);
+                if col < 5 || col >= 77 || (row >= keys && col >= 29) {
+                    assert_eq!(*g, 0.0, "keys {keys}, row {row}, column {col}");
+                }
             }
+            for strategy in [None, Some(GradientCheckpointingStrategy::Balanced)] {
+                let (v, g) = run_packed(&Device::flex().autodiff(), &qkv, &w, strategy, true, keys);
+                close(&v, &v_ref, &format!("packed value ({keys} keys)"));
+                close(&g.unwrap(), &g_ref, &format!("packed gradient ({keys} keys, {strategy:?})"));
+            }
+            let (v_plain, _) = run_packed(&Device::flex(), &qkv, &w, None, true, keys);
+            close(&v_plain, &v_ref, &format!("packed value without autodiff ({keys} keys)"));
+            // Same bits on a second run (each head owns its task and its blocks of the gradient).
+            let a = run_packed(&Device::flex().autodiff(), &qkv, &w, None, true, keys);
+            let b = run_packed(&Device::flex().autodiff(), &qkv, &w, None, true, keys);
+            assert_eq!(a, b);
         }
-        for strategy in [None, Some(GradientCheckpointingStrategy::Balanced)] {
-            let (v, g) = run_packed(&Device::flex().autodiff(), &qkv, &w, strategy, true);
-            close(&v, &v_ref, "packed value");
-            close(&g.unwrap(), &g_ref, &format!("packed gradient ({strategy:?})"));
+        // A row riding along changes nothing for the keys' rows: the first 16 rows of the
+        // output are those of self-attention over those 16 rows alone (to rounding: the
+        // products' blocking depends on the number of rows).
+        let short = Tensor::<3>::from_data(qkv.clone(), &d).narrow(1, 0, 16).into_data();
+        let (alone, _) = run_packed(&d, &short, &w, None, true, 16);
+        let (riding, _) = run_packed(&d, &qkv, &w, None, true, 16);
+        for img in 0..2 {
+            close(&riding[img * 17 * 24..img * 17 * 24 + 16 * 24], &alone[img * 16 * 24..(img + 1) * 16 * 24], &format!("image {img}"));
         }
-        let (v_plain, _) = run_packed(&Device::flex(), &qkv, &w, None, true);
-        close(&v_plain, &v_ref, "packed value without autodiff");
-        // Same bits on a second run (each head owns its task and its blocks of the gradient).
-        let a = run_packed(&Device::flex().autodiff(), &qkv, &w, None, true);
-        let b = run_packed(&Device::flex().autodiff(), &qkv, &w, None, true);
-        assert_eq!(a, b);
         // The route: 16 tokens and more, a width of 3 x heads; otherwise the tensor comes back.
         let t = |n: usize, width: usize| Tensor::<3>::random([1, n, width], Distribution::Default, &Device::flex());
-        assert!(crate::ops::flex_attention_packed(t(16, 24), 2).is_ok());
-        assert!(crate::ops::flex_attention_packed(t(15, 24), 2).is_err());
-        assert!(crate::ops::flex_attention_packed(t(16, 25), 2).is_err());
-        assert!(crate::ops::flex_attention_packed(Tensor::<3>::random([1, 16, 24], Distribution::Default, &Device::ndarray()), 2).is_err());
+        assert!(crate::ops::flex_attention_packed(t(16, 24), 2, 16).is_ok());
+        assert!(crate::ops::flex_attention_packed(t(16, 24), 2, 3).is_ok());
+        assert!(crate::ops::flex_attention_packed(t(15, 24), 2, 15).is_err());
+        assert!(crate::ops::flex_attention_packed(t(16, 25), 2, 16).is_err());
+        assert!(crate::ops::flex_attention_packed(Tensor::<3>::random([1, 16, 24], Distribution::Default, &Device::ndarray()), 2, 16).is_err());
     }
 
     #[test]

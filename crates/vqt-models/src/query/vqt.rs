@@ -121,7 +121,26 @@ impl Vqt {
     /// Logits from the trunk's K/V and class token.
     pub fn forward(&self, backbone: &Vit, trunk: &TrunkKv) -> Tensor<2> {
         let outs = self.query_outputs(backbone, trunk);
-        let feats = Self::features(trunk.cls.clone(), &outs);
+        self.logits(trunk.cls.clone(), &outs)
+    }
+
+    /// Logits of `images` with the queries riding along in the trunk's products
+    /// ([`Vit::forward_with_queries`]): the same function as [`Vqt::forward`] over
+    /// [`Vit::forward_kv`] (to rounding), without copying out or keeping any layer's keys and
+    /// values. Inference only: on an autodiff device the queries' gradients would run back
+    /// through the trunk's products.
+    pub fn forward_images(&self, backbone: &Vit, images: Tensor<4>) -> Tensor<2> {
+        let [depth, q, d] = self.queries.dims();
+        assert_eq!(depth, backbone.depth(), "VQT has {depth} query sets for a {}-block backbone", backbone.depth());
+        let (cls, outs) = backbone.forward_with_queries(images, |m, b| {
+            crate::ops::dropout(&self.dropout, self.queries.val().narrow(0, m, 1).expand([b, q, d]))
+        });
+        self.logits(cls, &outs)
+    }
+
+    /// The head over the class token and the query outputs (through the selection, if any).
+    fn logits(&self, cls: Tensor<2>, outs: &[Tensor<3>]) -> Tensor<2> {
+        let feats = Self::features(cls, outs);
         let feats = match &self.selection {
             Some(ids) => select_columns(feats, ids),
             None => feats,

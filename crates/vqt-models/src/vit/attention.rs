@@ -84,33 +84,42 @@ impl Attention {
     /// timm's split of a fused output `[B, N, 3·D]`: `[B, N, 3, H, Dh]` -> `[3, B, H, N, Dh]`
     /// (views), then one copy per part into a contiguous `[B, H, N, Dh]`.
     fn split(&self, qkv: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let [q, k, v] = self.split_parts(qkv, [true; 3]);
+        let n = qkv.dims()[1];
+        let [q, k, v] = self.split_parts(qkv, [true; 3], n);
         (q.expect("asked"), k.expect("asked"), v.expect("asked"))
     }
 
-    /// The parts of [`Attention::split`] that `want` names (q, k, v), each copied only then.
-    fn split_parts(&self, qkv: Tensor<3>, want: [bool; 3]) -> [Option<Tensor<4>>; 3] {
+    /// The parts of [`Attention::split`] that `want` names (q, k, v), each copied only then;
+    /// the keys and values only of the first `keys` rows.
+    fn split_parts(&self, qkv: Tensor<3>, want: [bool; 3], keys: usize) -> [Option<Tensor<4>>; 3] {
         let [b, n, width] = qkv.dims();
-        let h = self.num_heads;
-        let parts = qkv.reshape([b, n, 3, h, width / (3 * h)]).permute([2, 0, 3, 1, 4]);
-        [0, 1, 2].map(|i| want[i].then(|| parts.clone().narrow(0, i, 1).reshape([b, h, n, width / (3 * h)])))
+        let (h, dh) = (self.num_heads, width / (3 * self.num_heads));
+        let parts = qkv.reshape([b, n, 3, h, dh]).permute([2, 0, 3, 1, 4]);
+        [0, 1, 2].map(|i| {
+            let rows = if i == 0 { n } else { keys };
+            want[i].then(|| parts.clone().narrow(0, i, 1).narrow(3, 0, rows).reshape([b, h, rows, dh]))
+        })
     }
 
     /// The attention output (heads merged, before the output projection) of a fused
-    /// projection `qkv: [B, N, 3·D]` (tuners applied), and its keys and values when `keep_kv`. On Flex in f32
-    /// the attention reads the heads of `qkv` in place ([`crate::ops::flex_attention_packed`]):
-    /// nothing is copied apart for it, and under autodiff its backward returns one gradient
-    /// for the fused output. Kept keys and values are copies (the query third is not held).
-    fn attend_fused(&self, qkv: Tensor<3>, keep_kv: bool) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
+    /// projection `qkv: [B, N, 3·D]` (tuners applied) whose first `keys` rows are the keys and
+    /// values (`N` for self-attention; fewer where query tokens ride along after the trunk's
+    /// tokens, [`Attention::forward_keys`]), and those keys and values when `keep_kv`. On Flex
+    /// in f32 the attention reads the heads of `qkv` in place
+    /// ([`crate::ops::flex_attention_packed`]): nothing is copied apart for it, and under
+    /// autodiff its backward returns one gradient for the fused output. Kept keys and values
+    /// are copies (the query third is not held).
+    fn attend_fused(&self, qkv: Tensor<3>, keys: usize, keep_kv: bool) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
         let h = self.num_heads;
         let kv = |qkv: Tensor<3>| {
-            let [_, k, v] = self.split_parts(qkv, [false, true, true]);
+            let [_, k, v] = self.split_parts(qkv, [false, true, true], keys);
             (k.expect("asked"), v.expect("asked"))
         };
-        match crate::ops::flex_attention_packed(qkv, h) {
+        match crate::ops::flex_attention_packed(qkv, h, keys) {
             Ok((o, qkv)) => (merge_heads(o), keep_kv.then(|| kv(qkv))),
             Err(qkv) => {
-                let (q, k, v) = self.split(qkv);
+                let [q, k, v] = self.split_parts(qkv, [true; 3], keys);
+                let (q, k, v) = (q.expect("asked"), k.expect("asked"), v.expect("asked"));
                 let o = Self::attend(q, k.clone(), v.clone());
                 (o, keep_kv.then_some((k, v)))
             }
@@ -162,14 +171,24 @@ impl Attention {
 
     /// Self-attention of `a: [B, N, D]`, also returning its keys and values.
     pub fn forward_kv(&self, a: Tensor<3>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
-        let (o, kv) = self.attend_fused(self.fused(a), true);
+        let n = a.dims()[1];
+        let (o, kv) = self.attend_fused(self.fused(a), n, true);
         let (k, v) = kv.expect("kept when asked");
         (self.project_out(o), k, v)
     }
 
     /// Self-attention of `a: [B, N, D]` (its keys and values not needed afterwards).
     pub fn forward(&self, a: Tensor<3>) -> Tensor<3> {
-        self.project_out(self.attend_fused(self.fused(a), false).0)
+        let n = a.dims()[1];
+        self.forward_keys(a, n)
+    }
+
+    /// Attention of every token of `a: [B, N, D]` over the first `keys` of them only (their
+    /// keys and values), through the output projection: rows after `keys` are query tokens
+    /// that read the trunk's tokens without being read by them (VQT's queries riding along in
+    /// the trunk's products, [`crate::vit::Block::forward_with_queries`]).
+    pub fn forward_keys(&self, a: Tensor<3>, keys: usize) -> Tensor<3> {
+        self.project_out(self.attend_fused(self.fused(a), keys, false).0)
     }
 
     /// [`Attention::attend`] where `rows` is given: `k, v: [N, H, Nk, ·]` hold more images than

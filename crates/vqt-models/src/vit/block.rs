@@ -148,6 +148,16 @@ impl Block {
         self.attn_out(self.attn.cross(self.norm1_out(p), k, v, rows))
     }
 
+    /// The block over tokens `x: [B, N, D]` whose first `keys` rows are the residual stream
+    /// and whose last rows are query tokens riding along (inference): every row attends to the
+    /// first `keys` rows only, so those rows come out exactly as from [`Block::forward`] over
+    /// them alone (to rounding) and the query rows as from [`Block::query_forward`] over this
+    /// layer's keys and values, from one set of products instead of a second, small one.
+    pub fn forward_riding(&self, x: Tensor<3>, keys: usize) -> Tensor<3> {
+        let o = self.attn.forward_keys(self.norm1_out(x.clone()), keys);
+        self.mlp_residual(self.add_branch(x, o, &self.ls1, &self.adapter_attn))
+    }
+
     /// Query tokens through this block (VQT): they attend only to the trunk keys/values `k, v`
     /// of this layer, then take both residuals and the MLP like any token (with every per-token
     /// tuner of the block, methods.md §6).

@@ -250,6 +250,38 @@ impl Vit {
         TrunkKv { kv, cls: self.pool(z), rows: None }
     }
 
+    /// The class token `LN_final(Z_L)[:, 0]` and, per block m, the output `[B, Q, D]` of the
+    /// query tokens `queries(m, B)` passed through it ([`Block::query_forward`] over block m's
+    /// keys and values), with the queries riding along as the last Q rows of the stream
+    /// ([`Block::forward_riding`]): no keys or values are copied out or kept, and each block's
+    /// queries are written over the previous block's in place. For inference (no autodiff):
+    /// training keeps the trunk off the tape and the queries on it, so it runs
+    /// [`Vit::forward_kv`] and the query side apart.
+    pub fn forward_with_queries(&self, images: Tensor<4>, mut queries: impl FnMut(usize, usize) -> Tensor<3>) -> (Tensor<2>, Vec<Tensor<3>>) {
+        let z = self.embed(images);
+        let [b, _, d] = z.dims();
+        let mut outs = Vec::with_capacity(self.blocks.len());
+        let mut x = z;
+        for (m, block) in self.blocks.iter().enumerate() {
+            let p = queries(m, b);
+            let q = p.dims()[1];
+            x = if m == 0 {
+                Tensor::cat(vec![x, p], 1)
+            } else {
+                let rows = x.dims()[1];
+                x.slice_assign([0..b, rows - q..rows, 0..d], p)
+            };
+            x = self.before_block(m, x);
+            let keys = x.dims()[1] - q;
+            x = block.forward_riding(x, keys);
+            // A copy of the query rows (a view would keep `x` shared, and the next block's
+            // queries could then not be written over it in place).
+            let rows = Tensor::<1, burn::tensor::Int>::arange(keys as i64..(keys + q) as i64, &x.device());
+            outs.push(x.clone().select(1, rows));
+        }
+        (self.pool(x), outs)
+    }
+
     /// [`Vit::forward_kv`] with training-time trunk randomness (embedding dropout, per-sample
     /// drop-path on each block's two residual branches). Identical to `forward_kv` when
     /// `noise.is_off()`.
