@@ -175,15 +175,20 @@ impl TrunkModel {
         self.logits(input, TrunkNoise::default())
     }
 
-    /// Logits with the given trunk randomness. VQT over images without autodiff (inference)
-    /// lets its queries ride along in the trunk's products ([`Vqt::forward_images`]: the same
-    /// logits to rounding, without copying out any layer's keys and values); otherwise the
-    /// trunk pass and the method run apart.
+    /// Logits with the given trunk randomness. VQT over images: without autodiff (inference)
+    /// its queries ride along in the trunk's products ([`Vqt::forward_images`]: the same
+    /// logits to rounding, without copying out any layer's keys and values); in training on
+    /// the trunk path each layer's query side runs as soon as the frozen trunk has produced
+    /// that layer's keys and values ([`Vqt::forward_streaming`]: the same logits, one layer's
+    /// keys and values held at a time). Otherwise the trunk pass and the method run apart.
     fn logits(&self, input: TrunkInput, noise: TrunkNoise) -> Tensor<2> {
         if let (TrunkInput::Images(images), QueryMethod::Vqt(vqt)) = (&input, &self.method) {
             let plain = !vqt.queries.device().is_autodiff() && !self.backbone.cls_token.device().is_autodiff();
             if plain && noise.is_off() {
                 return vqt.forward_images(&self.backbone, images.clone());
+            }
+            if !self.full_path {
+                return vqt.forward_streaming(&self.backbone, images.clone().without_autodiff(), noise);
             }
         }
         let trunk = self.trunk_pass(input, noise, self.method.reads_kv());

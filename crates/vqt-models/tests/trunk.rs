@@ -321,3 +321,32 @@ fn cache_file_round_trip_and_errors() {
     std::fs::write(&junk, b"hello world, not a cache").unwrap();
     assert!(FeatureCache::open(&junk, &serde_json::json!({})).unwrap_err().to_string().contains("bad magic"));
 }
+
+#[test]
+fn vqt_training_streams_the_trunk_layer_by_layer_with_the_same_logits_and_gradients() {
+    use vqt_models::vit::TrunkNoise;
+    let plain = Device::flex();
+    let ad = plain.clone().autodiff();
+    plain.seed(3);
+    let vit = tiny().init(&plain);
+    let x = images(&plain, 3, 8);
+    let w = images(&plain, 3, 9).reshape([3, 3 * 16 * 16]).narrow(1, 0, CLASSES);
+    // One query (the gradient maps route of the attention at these shapes) and eight (K and V
+    // kept for the backward: the maps would be larger).
+    for q in [1, 8] {
+        let vqt = VqtConfig { num_queries: q, query_dropout: 0.0 }.init(vit.depth(), vit.embed_dim(), 4, CLASSES, &ad);
+        let model = TrunkModel::new(vit.clone(), QueryMethod::Vqt(vqt));
+        let QueryMethod::Vqt(v) = &model.method else { unreachable!() };
+        let run = |logits: Tensor<2>| {
+            let grads = (logits.clone() * w.clone()).sum().backward();
+            let g = |t: Tensor<2>| HostTensor::from_tensor(t.grad(&grads).expect("tracked"));
+            let gq = HostTensor::from_tensor(v.queries.val().grad(&grads).expect("tracked"));
+            (HostTensor::from_tensor(logits), gq, g(v.head.weight.val()))
+        };
+        let streamed = run(v.forward_streaming(&model.backbone, x.clone(), TrunkNoise::default()));
+        let apart = run(v.forward(&model.backbone, &model.backbone.trunk_pass(x.clone(), TrunkNoise::default(), 0, true)));
+        assert!(streamed == apart, "Q = {q}: streaming the trunk changed the logits or the gradients");
+        // Training on the trunk path takes that route.
+        assert!(run(model.forward(TrunkInput::Images(x.clone()))) == streamed, "Q = {q}: TrunkModel::forward");
+    }
+}

@@ -104,6 +104,36 @@ impl<C: CheckpointStrategy> FastAttention for Autodiff<Flex, C> {
             }
         }
 
+        /// Constant keys and values (VQT's queries reading the frozen trunk's): the node
+        /// keeps each query row's gradient map ([`head_maps`]) instead of q, k, v and the
+        /// probabilities, so the keys and values can be freed after the forward.
+        #[derive(Debug)]
+        struct MapsNode;
+
+        impl Backward<Flex, 1> for MapsNode {
+            type State = (Probs, [usize; 5]);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_q] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                let (maps, dims) = ops.state;
+                if let Some(node) = node_q {
+                    grads.register::<Flex>(node.id, backward_maps(&maps.0, &grad, dims));
+                }
+            }
+        }
+
+        if q.is_tracked() && !k.is_tracked() && !v.is_tracked() && maps_are_smaller(q.primitive(), k.primitive(), v.primitive()) {
+            let (k, v) = (k.primitive().clone(), v.primitive().clone());
+            return match MapsNode.prepare::<C>([q.node()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let (out, maps, dims) = forward_maps(q.primitive(), &k, &v, scale);
+                    prep.finish((Probs(std::sync::Arc::new(maps)), dims), out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(forward(q.primitive(), &k, &v, scale, false).0),
+            };
+        }
+
         match AttentionNode.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
                 let q_state = prep.checkpoint(&q);
@@ -325,7 +355,53 @@ fn checked_dims(q: &View, k: &View, v: &View) -> (usize, usize, usize, usize, us
 /// probabilities `[B·H, Nq, Nk]`. Non-f32 inputs go through Burn's own attention.
 fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
     assert!(q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32, "attention: f32 only (the caller routes other dtypes to Burn)");
-    forward_views(&View::of(q, "q"), &View::of(k, "k"), &View::of(v, "v"), scale, keep)
+    let (out, probs, _) = forward_views(&View::of(q, "q"), &View::of(k, "k"), &View::of(v, "v"), scale, keep, false);
+    (out, probs)
+}
+
+/// Whether [`forward_maps`]' gradient maps (`Nq·Dh·Dv` a head) take less memory than the keys
+/// and values (`Nk·(Dh + Dv)`) that the backward would otherwise keep: VQT's few queries a
+/// layer over a ViT's tokens (at ViT-B/16 224 px with one query: 4,096 against 25,216 values a
+/// head), not many queries over few keys.
+fn maps_are_smaller(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> bool {
+    let dims = |t: &FlexTensor| t.layout().shape().to_vec();
+    let (q, k, v) = (dims(q), dims(k), dims(v));
+    if q.len() != 4 || k.len() != 4 || v.len() != 4 {
+        return false;
+    }
+    let (nq, dh, nk, dv) = (q[2], q[3], k[2], v[3]);
+    nq.saturating_mul(dh).saturating_mul(dv) < nk.saturating_mul(dh + dv)
+}
+
+/// [`forward`] for a query side whose keys and values are constants: the output and each query
+/// row's gradient map `M_i` ([`head_maps`], `[B·H·Nq, Dh, Dv]`), with the dims
+/// `[B, H, Nq, Dh, Dv]`.
+fn forward_maps(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, scale: f32) -> (FlexTensor, Vec<f32>, [usize; 5]) {
+    assert!(q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32, "attention: f32 only (the caller routes other dtypes to Burn)");
+    let (qv, kv, vv) = (View::of(q, "q"), View::of(k, "k"), View::of(v, "v"));
+    let (b, h, nq, _, dh, dv) = checked_dims(&qv, &kv, &vv);
+    let (out, _, maps) = forward_views(&qv, &kv, &vv, scale, false, true);
+    (out, maps.expect("asked"), [b, h, nq, dh, dv])
+}
+
+/// The gradient of q from [`forward_maps`]' maps: `dq_i = M_i · do_i` per query row,
+/// `[B, H, Nq, Dh]`.
+fn backward_maps(maps: &[f32], grad: &FlexTensor, dims: [usize; 5]) -> FlexTensor {
+    let [b, h, nq, dh, dv] = dims;
+    let gv = View::of(grad, "grad");
+    assert_eq!(gv.dims, [b, h, nq, dv], "attention: output gradient shape");
+    assert_eq!(maps.len(), b * h * nq * dh * dv, "attention: kept gradient maps");
+    let mut dq = par_zeros(b * h * nq * dh);
+    dq.par_chunks_mut((nq * dh).max(1)).enumerate().with_min_len(h).for_each_init(Vec::new, |g_buf, (i, dq_head)| {
+        let g = Rows::of(&gv, i / h, i % h, g_buf);
+        for (qi, dq_row) in dq_head.chunks_exact_mut(dh.max(1)).enumerate() {
+            let m = &maps[(i * nq + qi) * dh * dv..(i * nq + qi + 1) * dh * dv];
+            for (a, x) in dq_row.iter_mut().enumerate() {
+                *x = dot(&m[a * dv..(a + 1) * dv], g.row(qi));
+            }
+        }
+    });
+    FlexTensor::from_data(TensorData::new(dq, [b, h, nq, dh]))
 }
 
 /// [`forward`] of the heads of a fused projection `[B, N, 3·H·Dh]`: every row a query, the
@@ -334,13 +410,15 @@ fn forward_packed(qkv: &FlexTensor, heads: usize, keys: usize, scale: f32, keep:
     assert!(qkv.dtype() == DType::F32, "attention: f32 only (the caller routes other dtypes to Burn)");
     let n = qkv.layout().shape()[1];
     let [q, k, v] = [0, 1, 2].map(|part| View::packed(qkv, heads, part, if part == 0 { n } else { keys }));
-    forward_views(&q, &k, &v, scale, keep)
+    let (out, probs, _) = forward_views(&q, &k, &v, scale, keep, false);
+    (out, probs)
 }
 
 /// [`forward`] over the rows `rows` of larger keys and values `[N, H, Nk, ·]`, read in place.
 fn forward_rows(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, rows: &[usize], scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
     assert!(q.dtype() == DType::F32 && cache_dtype(k.dtype()) && cache_dtype(v.dtype()), "attention: f32 queries over f32 or f16 keys and values only (the caller routes other dtypes to Burn)");
-    forward_views(&View::of(q, "q"), &View::of_rows(k, "k", rows), &View::of_rows(v, "v", rows), scale, keep)
+    let (out, probs, _) = forward_views(&View::of(q, "q"), &View::of_rows(k, "k", rows), &View::of_rows(v, "v", rows), scale, keep, false);
+    (out, probs)
 }
 
 /// Whether keys and values read in place ([`forward_rows`]) may be stored as `dtype`.
@@ -358,12 +436,17 @@ fn backward_rows(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, rows: &[usize],
     FlexTensor::from_data(TensorData::new(dq, [b, h, nq, dh]))
 }
 
-fn forward_views(qv: &View, kv: &View, vv: &View, scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
+/// The forward on views: the output `[B, H, Nq, Dv]` (stored `[B, Nq, H, Dv]`), the
+/// probabilities when `keep`, and the gradient maps ([`head_maps`], `[B·H·Nq, Dh, Dv]`) when
+/// `maps`.
+fn forward_views(qv: &View, kv: &View, vv: &View, scale: f32, keep: bool, maps: bool) -> (FlexTensor, Option<Vec<f32>>, Option<Vec<f32>>) {
     let (b, h, nq, nk, dh, dv) = checked_dims(qv, kv, vv);
     let mut out = par_zeros(b * nq * h * dv);
     let mut probs = keep.then(|| par_zeros(b * h * nq * nk));
+    let mut map_buf = maps.then(|| par_zeros(b * h * nq * dh * dv));
     let out_ptr = SendPtr(out.as_mut_ptr());
     let probs_ptr = probs.as_mut().map(|p| SendPtr(p.as_mut_ptr()));
+    let maps_ptr = map_buf.as_mut().map(|m| SendPtr(m.as_mut_ptr()));
     let level = simd();
     let few = nq < FEW_ROWS;
     (0..b * h).into_par_iter().with_min_len(if few { h } else { 1 }).for_each_init(
@@ -377,8 +460,10 @@ fn forward_views(qv: &View, kv: &View, vv: &View, scale: f32, keep: bool) -> (Fl
             };
             // The output head (b, h) is Nq rows of Dv at row stride H·Dv, owned by this task.
             let out_head = out_ptr.get().wrapping_add(bi * nq * h * dv + hi * dv);
+            // Head i's gradient maps: Nq blocks of Dh x Dv, owned by this task.
+            let map_head = maps_ptr.map(|m| m.get().wrapping_add(i * nq * dh * dv));
             if few {
-                let Scratch { a, b: kb, c: vb, out: o } = few_scratch;
+                let Scratch { a, b: kb, c: vb, out: o, w } = few_scratch;
                 let (q, k, v) = (Rows::of(qv, bi, hi, a), Rows::of(kv, bi, hi, kb), Rows::of(vv, bi, hi, vb));
                 few_scores(level, q, k, scale, p);
                 softmax_rows(level, p, nk);
@@ -386,9 +471,14 @@ fn forward_views(qv: &View, kv: &View, vv: &View, scale: f32, keep: bool) -> (Fl
                 few_combine(level, p, v, o);
                 // SAFETY: as above; o is Nq x Dv.
                 unsafe { put_rows(o, dv, out_head, h * dv) };
+                if let Some(dst) = map_head {
+                    // SAFETY: k's rows are `k.rs` apart with contiguous columns; o is Nq x Dv;
+                    // dst is this head's block.
+                    unsafe { head_maps(p, nk, dh, k.data.as_ptr(), k.rs as isize, 1, v, o.as_ptr(), dv, scale, w, dst) };
+                }
                 return;
             }
-            let Scratch { b: kb, c: vb, .. } = few_scratch;
+            let Scratch { b: kb, c: vb, w: wb, .. } = few_scratch;
             let (k, k_rs, k_cs) = kv.head_f32(bi, hi, kb);
             let (v, v_rs, v_cs) = vv.head_f32(bi, hi, vb);
             // SAFETY: the views (or their widened copies) address their heads; p is Nq x Nk
@@ -400,10 +490,45 @@ fn forward_views(qv: &View, kv: &View, vv: &View, scale: f32, keep: bool) -> (Fl
             unsafe {
                 mm(nq, dv, nk, out_head, 1, (h * dv) as isize, p.as_ptr(), 1, nk as isize, v, v_cs, v_rs, 1.0);
             }
+            if let Some(dst) = map_head {
+                let mut v_buf = Vec::new();
+                let v_rows = Rows::of(vv, bi, hi, &mut v_buf);
+                // SAFETY: as above; the output head was just written, rows H·Dv apart.
+                unsafe { head_maps(p, nk, dh, k, k_rs, k_cs, v_rows, out_head, h * dv, scale, wb, dst) };
+            }
         },
     );
     let stored = FlexTensor::from_data(TensorData::new(out, [b, nq, h, dv]));
-    (Flex::float_swap_dims(stored, 1, 2), probs)
+    (Flex::float_swap_dims(stored, 1, 2), probs, map_buf)
+}
+
+/// One head's gradient maps for constant keys and values: per query row i,
+/// `M_i = scale · Kᵀ·(diag(p_i)·V − p_i·o_iᵀ)` (`Dh x Dv`, row-major, written to `dst`), with
+/// `p_i` its probabilities and `o_i = Vᵀ·p_i` its output. The gradient of the query row is then
+/// `dq_i = M_i · do_i` (`dS = P ⊙ (dO·Vᵀ − rowsum(dO·Vᵀ ⊙ P))·scale` and `dQ = dS·K` written as
+/// one matrix), so the backward needs neither the keys nor the values. `w` is scratch.
+///
+/// # Safety
+/// `k` with its row and column strides must address `Nk x Dh` elements, `o` `Nq` rows of `Dv`
+/// at row stride `o_rs`, and `dst` `Nq·Dh·Dv` writable elements no one else touches meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_maps(p: &[f32], nk: usize, dh: usize, k: *const f32, k_rs: isize, k_cs: isize, v: Rows<'_>, o: *const f32, o_rs: usize, scale: f32, w: &mut Vec<f32>, dst: *mut f32) {
+    let dv = v.cols;
+    let nq = if nk == 0 { 0 } else { p.len() / nk };
+    w.resize(nk * dv, 0.0);
+    for i in 0..nq {
+        // SAFETY: row i of the output (the caller's contract).
+        let oi = unsafe { std::slice::from_raw_parts(o.add(i * o_rs), dv) };
+        for (j, wj) in w.chunks_exact_mut(dv.max(1)).enumerate() {
+            let c = scale * p[i * nk + j];
+            for (x, (&a, &b)) in wj.iter_mut().zip(v.row(j).iter().zip(oi)) {
+                *x = c * (a - b);
+            }
+        }
+        // M_i = Kᵀ · W: [Dh x Nk] x [Nk x Dv], Kᵀ read in place through K's strides.
+        // SAFETY: the caller's contract; w is Nk x Dv row-major.
+        unsafe { mm(dh, dv, nk, dst.add(i * dh * dv), 1, dv as isize, k, k_rs, k_cs, w.as_ptr(), 1, dv as isize, 1.0) };
+    }
 }
 
 /// Query rows per head below which a head's products run as vector loops over rows (dot
@@ -420,6 +545,8 @@ struct Scratch {
     b: Vec<f32>,
     c: Vec<f32>,
     out: Vec<f32>,
+    /// The gradient maps' weighted values ([`head_maps`]).
+    w: Vec<f32>,
 }
 
 /// One head's `rows x cols` block with contiguous columns: row `r` is `data[r·rs .. r·rs + cols]`.
@@ -627,7 +754,7 @@ fn backward_views(qv: &View, kv: &View, vv: &View, probs: &[f32], gv: &View, sca
             let (bi, hi) = (i / h, i % h);
             let p = &probs[i * nq * nk..(i + 1) * nq * nk];
             if few {
-                let Scratch { a, b: kb, c: vb, out } = scratch;
+                let Scratch { a, b: kb, c: vb, out, .. } = scratch;
                 let g = Rows::of(gv, bi, hi, g_buf);
                 // SAFETY (every put_rows): head i owns its Nq x Dh, Nk x Dh and Nk x Dv blocks
                 // of the destinations (disjoint between heads, also inside one fused buffer).
@@ -847,6 +974,39 @@ mod tests {
             // Same bits on a second run.
             assert_eq!(run(&Device::flex().autodiff(), &data, all, None), (v, g));
         }
+    }
+
+    /// Constant keys and values (only q tracked) with more key rows than a head's maps take:
+    /// the backward runs from the gradient maps alone, on the few-row and the `gemm` paths,
+    /// and gives Burn's composed gradient of q.
+    #[test]
+    #[allow(deprecated)] // Device::ndarray: the composed reference path
+    fn constant_keys_and_values_differentiate_through_gradient_maps() {
+        let d = Device::flex();
+        for (nq, nk) in [(1, 9), (2, 9), (1, 70), (17, 150)] {
+            let r = |dims: [usize; 3], s: f64| Tensor::<3>::random(dims, Distribution::Normal(0.0, s), &d).into_data();
+            let (qd, kd, vd, wd) = (r([2, nq, 24], 1.5), r([2, nk, 24], 1.5), r([2, nk, 24], 1.0), r([2, nq, 24], 1.0));
+            let run = |device: &Device| {
+                let t = |data: &TensorData| Tensor::<3>::from_data(data.clone(), device);
+                let q3 = t(&qd).require_grad();
+                // q strided heads, k contiguous heads, v a transposed view.
+                let k = t(&kd).reshape([2, 3, nk, 8]);
+                let v = t(&vd).reshape([2, 3, 8, nk]).swap_dims(2, 3);
+                let o = Attention::attend(split_heads(q3.clone(), 3), k, v);
+                let grads = (o.clone() * t(&wd)).sum().backward();
+                let g: Vec<f32> = q3.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+                (o.into_data().try_to_vec::<f32>().unwrap(), g)
+            };
+            let (v_ref, g_ref) = run(&Device::ndarray().autodiff());
+            let (v, g) = run(&Device::flex().autodiff());
+            close(&v, &v_ref, &format!("value, nq {nq}, nk {nk}"));
+            close(&g, &g_ref, &format!("dq from the maps, nq {nq}, nk {nk}"));
+            // The maps route applies to these shapes (Nq·Dh·Dv < Nk·(Dh + Dv)).
+            let f = |dims: [usize; 4]| super::FlexTensor::from_data(TensorData::zeros::<f32, _>(dims));
+            assert!(super::maps_are_smaller(&f([2, 3, nq, 8]), &f([2, 3, nk, 8]), &f([2, 3, nk, 8])), "nq {nq}, nk {nk}");
+        }
+        let f = |dims: [usize; 4]| super::FlexTensor::from_data(TensorData::zeros::<f32, _>(dims));
+        assert!(!super::maps_are_smaller(&f([2, 3, 3, 8]), &f([2, 3, 9, 8]), &f([2, 3, 9, 8])));
     }
 
     /// Attention over rows of larger keys and values read in place (the feature cache's whole

@@ -93,19 +93,32 @@ impl Vqt {
 
     /// Each layer's query outputs `[B, Q, D]` (not normalised), given the trunk's K/V.
     pub fn query_outputs(&self, backbone: &Vit, trunk: &TrunkKv) -> Vec<Tensor<3>> {
-        let [depth, q, d] = self.queries.dims();
+        let depth = self.queries.dims()[0];
         assert_eq!(depth, backbone.depth(), "VQT has {depth} query sets for a {}-block backbone", backbone.depth());
         let b = trunk.cls.dims()[0];
-        backbone
-            .blocks
-            .iter()
-            .zip(&trunk.kv)
-            .enumerate()
-            .map(|(m, (block, (k, v)))| {
-                let p = self.queries.val().narrow(0, m, 1).expand([b, q, d]);
-                block.query_forward(crate::ops::dropout(&self.dropout, p), k.clone(), v.clone(), trunk.rows())
-            })
-            .collect()
+        (0..depth).map(|m| self.query_output(backbone, m, b, trunk.kv[m].0.clone(), trunk.kv[m].1.clone(), trunk.rows())).collect()
+    }
+
+    /// Layer m's query outputs `[B, Q, D]` for a batch of `b` images, given its keys and values
+    /// (the rows `rows` of them where given, [`TrunkKv::rows`]).
+    pub fn query_output(&self, backbone: &Vit, m: usize, b: usize, k: Tensor<4>, v: Tensor<4>, rows: Option<&[usize]>) -> Tensor<3> {
+        let [_, q, d] = self.queries.dims();
+        let p = self.queries.val().narrow(0, m, 1).expand([b, q, d]);
+        backbone.blocks[m].query_forward(crate::ops::dropout(&self.dropout, p), k, v, rows)
+    }
+
+    /// Logits of `images` with the query side of each layer run as soon as the trunk's block
+    /// has produced its keys and values ([`Vit::trunk_pass_each`]), which are dropped then:
+    /// the same logits as [`Vqt::forward`] over [`Vit::trunk_pass`], holding one layer's keys
+    /// and values at a time (training on the trunk path; the attention's backward keeps
+    /// gradient maps instead of them where smaller, [`crate::ops::flex_attention`]).
+    pub fn forward_streaming(&self, backbone: &Vit, images: Tensor<4>, noise: crate::vit::TrunkNoise) -> Tensor<2> {
+        let depth = self.queries.dims()[0];
+        assert_eq!(depth, backbone.depth(), "VQT has {depth} query sets for a {}-block backbone", backbone.depth());
+        let b = images.dims()[0];
+        let mut outs = Vec::with_capacity(depth);
+        let cls = backbone.trunk_pass_each(images, noise, 0, &mut |m, k, v| outs.push(self.query_output(backbone, m, b, k, v, None)));
+        self.logits(cls, &outs)
     }
 
     /// The head's input: L2-normalised groups `[cls, flat(out[0]), …]`, `[B, F]`.

@@ -241,13 +241,7 @@ impl Vit {
     /// Run it on non-autodiff tensors (`model.valid()`, `images.without_autodiff()`) so no tape
     /// is recorded.
     pub fn forward_kv(&self, images: Tensor<4>) -> TrunkKv {
-        let mut kv = Vec::with_capacity(self.blocks.len());
-        let z = self.run_blocks(self.embed(images), |_, b, z| {
-            let (next, k, v) = b.forward_kv(z);
-            kv.push((k, v));
-            next
-        });
-        TrunkKv { kv, cls: self.pool(z), rows: None }
+        self.trunk_pass(images, TrunkNoise::default(), 0, true)
     }
 
     /// The class token `LN_final(Z_L)[:, 0]` and, per block m, the output `[B, Q, D]` of the
@@ -286,17 +280,7 @@ impl Vit {
     /// drop-path on each block's two residual branches). Identical to `forward_kv` when
     /// `noise.is_off()`.
     pub fn forward_kv_noisy(&self, images: Tensor<4>, noise: TrunkNoise) -> TrunkKv {
-        self.noisy_pass(images, noise, true)
-    }
-
-    fn noisy_pass(&self, images: Tensor<4>, noise: TrunkNoise, keep_kv: bool) -> TrunkKv {
-        if noise.is_off() && keep_kv {
-            return self.forward_kv(images);
-        }
-        let mut kv = Vec::with_capacity(self.blocks.len());
-        let z = if noise.is_off() { self.embed(images) } else { self.embed_noisy(images, &noise) };
-        let z = self.kv_blocks(z, 0..self.blocks.len(), self.blocks.len(), &noise, keep_kv.then_some(&mut kv));
-        TrunkKv { kv, cls: self.pool(z), rows: None }
+        self.trunk_pass(images, noise, 0, true)
     }
 
     /// [`Vit::forward_kv_noisy`] with the embedding and the first `prefix` blocks run off the
@@ -315,10 +299,26 @@ impl Vit {
     /// linear head) leaves them out, so no block copies them out of its fused projection and
     /// none is held until the loss.
     pub fn trunk_pass(&self, images: Tensor<4>, noise: TrunkNoise, prefix: usize, keep_kv: bool) -> TrunkKv {
+        let mut kv = Vec::with_capacity(self.blocks.len());
+        let mut keep = |_: usize, k: Tensor<4>, v: Tensor<4>| kv.push((k, v));
+        let cls = self.pass(images, noise, prefix, if keep_kv { Some(&mut keep) } else { None });
+        TrunkKv { kv, cls, rows: None }
+    }
+
+    /// [`Vit::trunk_pass`] handing each layer's keys and values to `each(m, K_m, V_m)` as soon
+    /// as block m has produced them, instead of keeping them all to the end: a query side run
+    /// layer by layer holds one layer's keys and values at a time (VQT's training step,
+    /// [`crate::TrunkModel`]). Returns the class token `LN_final(Z_L)[:, 0]`.
+    pub fn trunk_pass_each(&self, images: Tensor<4>, noise: TrunkNoise, prefix: usize, each: &mut dyn FnMut(usize, Tensor<4>, Tensor<4>)) -> Tensor<2> {
+        self.pass(images, noise, prefix, Some(each))
+    }
+
+    fn pass(&self, images: Tensor<4>, noise: TrunkNoise, prefix: usize, mut each: Option<&mut dyn FnMut(usize, Tensor<4>, Tensor<4>)>) -> Tensor<2> {
         let depth = self.blocks.len();
         let prefix = prefix.min(depth);
         if prefix == 0 || !self.cls_token.device().is_autodiff() {
-            return self.noisy_pass(images, noise, keep_kv);
+            let z = self.embed_noisy(images, &noise);
+            return self.pool(self.kv_blocks(z, 0..depth, depth, &noise, each));
         }
         // Only what the prefix reads, without autodiff (cheap: the parameters are shared).
         let head = Vit {
@@ -333,13 +333,11 @@ impl Vit {
             vpt: self.vpt.clone(),
         }
         .valid();
-        let mut kv = Vec::with_capacity(depth);
         let z = head.embed_noisy(images.without_autodiff(), &noise);
-        let z = head.kv_blocks(z, 0..prefix, depth, &noise, keep_kv.then_some(&mut kv));
+        let z = head.kv_blocks(z, 0..prefix, depth, &noise, each.as_mut().map(|f| &mut **f as &mut dyn FnMut(usize, Tensor<4>, Tensor<4>)));
         // Back onto the tape for the tuned blocks (a model in eval, already plain, stays plain).
         let z = if self.cls_token.device().is_autodiff() { z.autodiff() } else { z };
-        let z = self.kv_blocks(z, prefix..depth, depth, &noise, keep_kv.then_some(&mut kv));
-        TrunkKv { kv, cls: self.pool(z), rows: None }
+        self.pool(self.kv_blocks(z, prefix..depth, depth, &noise, each))
     }
 
     /// The embedding, with the trunk's embedding dropout when `noise` has it.
@@ -350,9 +348,10 @@ impl Vit {
     }
 
     /// Blocks `range` (the prefix backbone of [`Vit::forward_kv_split`] holds only its blocks),
-    /// pushing each block's K/V; the drop-path rate of block m is `drop_path · m / (L − 1)`
-    /// with L = `full_depth`. Without `kv` the keys and values are neither kept nor copied.
-    fn kv_blocks(&self, z: Tensor<3>, range: std::ops::Range<usize>, full_depth: usize, noise: &TrunkNoise, mut kv: Option<&mut Vec<(Tensor<4>, Tensor<4>)>>) -> Tensor<3> {
+    /// handing each block's K/V to `kv(m, K, V)`; the drop-path rate of block m is
+    /// `drop_path · m / (L − 1)` with L = `full_depth`. Without `kv` the keys and values are
+    /// neither kept nor copied.
+    fn kv_blocks(&self, z: Tensor<3>, range: std::ops::Range<usize>, full_depth: usize, noise: &TrunkNoise, mut kv: Option<&mut dyn FnMut(usize, Tensor<4>, Tensor<4>)>) -> Tensor<3> {
         range.fold(z, |z, m| {
             let blk = &self.blocks[m];
             let z = self.before_block(m, z);
@@ -360,7 +359,7 @@ impl Vit {
                 return match kv.as_deref_mut() {
                     Some(kv) => {
                         let (next, k, v) = blk.forward_kv(z);
-                        kv.push((k, v));
+                        kv(m, k, v);
                         next
                     }
                     None => blk.forward(z),
@@ -372,7 +371,7 @@ impl Vit {
             let o = match kv.as_deref_mut() {
                 Some(kv) => {
                     let (o, k, v) = blk.attn.forward_kv(a);
-                    kv.push((k, v));
+                    kv(m, k, v);
                     o
                 }
                 None => blk.attn.forward(a),
