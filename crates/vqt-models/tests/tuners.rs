@@ -200,7 +200,16 @@ fn lora_merges_into_plain_weights_with_the_same_outputs() {
         }
     }
     let x = images(&plain, 3, 8);
+    // On plain tensors (inference) each call adds the update to the weight; on the autodiff
+    // context LoRA runs as its own two products: the same outputs.
     let unmerged = vit.forward_trace(x.clone());
+    let ad = plain.clone().autodiff();
+    let on_tape = vit.clone().fork(&ad).forward_trace(x.clone().autodiff());
+    assert!(on_tape.cls.is_autodiff());
+    for (a, b) in unmerged.blocks.iter().zip(&on_tape.blocks) {
+        let d = same(a, &b.clone().without_autodiff());
+        assert!(d <= 1e-5, "the inference fold differs from LoRA's own products by {d}");
+    }
     let merged = vit.merge_lora();
     assert!(!merged.has_tuner_modules());
     let after = merged.forward_trace(x);

@@ -104,11 +104,26 @@ impl LoraQkv {
     /// [`LoraQkv::apply`] per third, as two products and one add on the fused tensor, so
     /// attention can read the heads where they are (and hand back one gradient for them).
     pub fn apply_fused(&self, a: Tensor<3>, qkv: Tensor<3>) -> Tensor<3> {
+        let d = qkv.dims()[2] / 3;
+        match self.factors(d) {
+            Some((down, up)) => crate::ops::add(qkv, crate::ops::linear(crate::ops::linear(a, down, None), up, None)),
+            None => qkv,
+        }
+    }
+
+    /// The whole update of a width-`d` block's fused weight, `[A_t ...]·B̂: [D, 3·D]` (see
+    /// [`LoraQkv::apply_fused`]); `None` without adapted thirds. Inference adds it to the frozen
+    /// weight for each batch, [`crate::vit::Attention`].
+    pub fn update(&self, d: usize) -> Option<Tensor<2>> {
+        self.factors(d).map(|(down, up)| down.matmul(up))
+    }
+
+    /// `[A_t ...]: [D, r·T]` and `B̂: [r·T, 3·D]` of [`LoraQkv::apply_fused`].
+    fn factors(&self, d: usize) -> Option<(Tensor<2>, Tensor<2>)> {
         let pairs: Vec<(usize, &LoraPair)> = (0..3).filter_map(|t| self.pair(t).map(|p| (t, p))).collect();
         if pairs.is_empty() {
-            return qkv;
+            return None;
         }
-        let d = qkv.dims()[2] / 3;
         let down = Tensor::cat(pairs.iter().map(|(_, p)| p.a.val()).collect(), 1);
         let up = Tensor::cat(
             pairs
@@ -127,7 +142,7 @@ impl LoraQkv {
                 .collect(),
             0,
         );
-        crate::ops::add(qkv, crate::ops::linear(crate::ops::linear(a, down, None), up, None))
+        Some((down, up))
     }
 
     /// `qkv` with `(α/r)·A_t·B_t` added to the columns of each adapted third: the same outputs

@@ -67,11 +67,20 @@ impl Attention {
 
     /// The fused projection of tokens `a` with the tuners that act on it (LoRA's low-rank
     /// update of its thirds, then SSF's scale-shift over its whole width): `[B, N, 3·D]`.
+    ///
+    /// Without autodiff (inference) LoRA's update is added to the frozen weight for the call
+    /// (`W + [A_t ...]·B̂`, a `[D, 3·D]` product of rank r·T): one product of the tokens, as a
+    /// merged model runs ([`crate::Vit::merge_lora`]), instead of two thin ones and an add over
+    /// the whole fused output; the same outputs to rounding.
     fn fused(&self, a: Tensor<3>) -> Tensor<3> {
-        let qkv = crate::ops::apply(&self.qkv, a.clone());
-        let qkv = match &self.lora {
-            Some(l) => l.apply_fused(a, qkv),
-            None => qkv,
+        let update = match &self.lora {
+            Some(l) if !a.device().is_autodiff() => l.update(self.width()),
+            _ => None,
+        };
+        let qkv = match (update, &self.lora) {
+            (Some(u), _) => crate::ops::linear(a, self.qkv.weight.val() + u, self.qkv.bias.as_ref().map(|b| b.val())),
+            (None, Some(l)) => l.apply_fused(a.clone(), crate::ops::apply(&self.qkv, a)),
+            (None, None) => crate::ops::apply(&self.qkv, a),
         };
         ssf::maybe(&self.ssf_qkv, qkv)
     }
