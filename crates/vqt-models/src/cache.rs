@@ -265,7 +265,7 @@ impl FeatureCache {
                     CacheKind::Kv => {
                         // Stored in the [B, H, N, Dh] layout attention reads, so a batch is
                         // one contiguous upload per tensor.
-                        let (next, k, v) = block.forward_kv(z);
+                        let (next, k, v) = block.forward_kv(z, crate::vit::KeepKv::Copies);
                         cache.layers[m].extend(&host(k));
                         cache.values[m].extend(&host(v));
                         z = next;

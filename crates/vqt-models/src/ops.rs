@@ -238,6 +238,37 @@ pub fn flex_attention_packed(qkv: Tensor<3>, heads: usize, keys: usize) -> Resul
     Ok((attention::attention_packed_flex(qkv.clone(), heads, keys, scale), qkv))
 }
 
+/// The keys and values of a fused projection `qkv: [B, N, 3·H·Dh]` (plain Flex f32: the frozen
+/// trunk's) as zero-copy views `[B, H, keys, Dh]` of its buffer, the first `keys` rows;
+/// `Err(qkv)` elsewhere (autodiff, another backend or dtype). A view holds the whole projection
+/// (its query third too): it is for a consumer that is done with them at once (VQT's streamed
+/// training step, whose attention keeps gradient maps instead, [`attention_keeps_maps`]).
+pub fn flex_kv_views(qkv: Tensor<3>, heads: usize, keys: usize) -> Result<(Tensor<4>, Tensor<4>), Tensor<3>> {
+    let [b, n, width] = qkv.dims();
+    assert!(keys <= n, "{keys} key rows of a fused qkv with {n} rows");
+    if qkv.is_autodiff() || !is_flex(&qkv.device()) || qkv.dtype() != burn::tensor::DType::F32 || heads == 0 || width % (3 * heads) != 0 {
+        return Err(qkv);
+    }
+    let t = qkv.try_into_primitive::<burn::backend::Flex>().expect("checked: a plain Flex tensor");
+    let dh = width / (3 * heads);
+    let (s, start) = (t.layout().strides().to_vec(), t.layout().start_offset() as isize);
+    let view = |part: usize| {
+        let offset = start + (part * heads * dh) as isize * s[2];
+        assert!(offset >= 0, "a fused qkv view before its buffer");
+        let layout = burn::backend::flex::Layout::new(burn::tensor::Shape::from([b, heads, keys, dh]), vec![s[0], dh as isize * s[2], s[1], s[2]], offset as usize);
+        Tensor::<4>::from_primitive::<burn::backend::Flex>(t.clone().with_layout(layout))
+    };
+    Ok((view(1), view(2)))
+}
+
+/// Whether attention of `nq` query rows over `nk` constant keys and values (head widths `dh`,
+/// `dv`) keeps per-query gradient maps for its backward instead of the keys and values (on
+/// Flex in f32 under autodiff, [`attention::FastAttention::fast_attention`]): where the maps are
+/// smaller, `nq·dh·dv < nk·(dh + dv)`.
+pub fn attention_keeps_maps(nq: usize, nk: usize, dh: usize, dv: usize) -> bool {
+    nq.saturating_mul(dh).saturating_mul(dv) < nk.saturating_mul(dh + dv)
+}
+
 static SPLIT_QKV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// For A/B measurements (`vqt-bench step --flex-qkv split`): `true` makes self-attention on
@@ -315,6 +346,28 @@ pub fn is_flex(device: &burn::tensor::Device) -> bool {
 mod tests {
     use super::*;
     use burn::tensor::{Device, TensorData};
+
+    #[test]
+    #[allow(deprecated)] // Device::ndarray: another backend gets its tensor back
+    fn kv_views_share_the_fused_projection_and_equal_its_split_parts() {
+        let d = Device::flex();
+        // A strided fused projection: rows 80 apart (a narrowed wider tensor), 72 columns used.
+        let wide = Tensor::<3>::random([2, 17, 80], burn::tensor::Distribution::Normal(0.0, 1.0), &d);
+        let qkv = wide.narrow(2, 5, 72);
+        for keys in [17, 15] {
+            let (k, v) = flex_kv_views(qkv.clone(), 3, keys).map_err(|_| "the views apply").unwrap();
+            let part = |i: usize| crate::vit::split_heads(qkv.clone().narrow(2, i * 24, 24).narrow(1, 0, keys), 3);
+            for (view, copy) in [(k, part(1)), (v, part(2))] {
+                assert_eq!(view.dims(), [2, 3, keys, 8]);
+                let layout = view.clone().try_into_primitive::<burn::backend::Flex>().unwrap().layout().clone();
+                assert_eq!(layout.strides(), &[17 * 80, 8, 80, 1], "a view of the buffer, not a copy");
+                assert_eq!(view.into_data(), copy.into_data());
+            }
+        }
+        assert!(flex_kv_views(qkv.clone().autodiff(), 3, 17).is_err());
+        assert!(flex_kv_views(Tensor::<3>::zeros([1, 4, 72], &Device::ndarray()), 3, 4).is_err());
+        assert!(attention_keeps_maps(1, 65, 64, 64) && !attention_keeps_maps(3, 65, 64, 64));
+    }
 
     #[test]
     #[allow(deprecated)] // Device::ndarray: the backend is still compiled in and tested

@@ -369,8 +369,7 @@ fn maps_are_smaller(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> bool {
     if q.len() != 4 || k.len() != 4 || v.len() != 4 {
         return false;
     }
-    let (nq, dh, nk, dv) = (q[2], q[3], k[2], v[3]);
-    nq.saturating_mul(dh).saturating_mul(dv) < nk.saturating_mul(dh + dv)
+    crate::ops::attention_keeps_maps(q[2], k[2], q[3], v[3])
 }
 
 /// [`forward`] for a query side whose keys and values are constants: the output and each query

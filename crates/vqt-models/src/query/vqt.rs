@@ -115,9 +115,15 @@ impl Vqt {
     pub fn forward_streaming(&self, backbone: &Vit, images: Tensor<4>, noise: crate::vit::TrunkNoise) -> Tensor<2> {
         let depth = self.queries.dims()[0];
         assert_eq!(depth, backbone.depth(), "VQT has {depth} query sets for a {}-block backbone", backbone.depth());
-        let b = images.dims()[0];
+        let [b, q, d] = [images.dims()[0], self.queries.dims()[1], self.queries.dims()[2]];
+        // Where the attention keeps gradient maps (at least the backbone's own tokens as keys),
+        // nothing holds the keys and values after their layer: views of each block's fused
+        // projection then spare the copies; otherwise the attention keeps them, as copies.
+        let dh = d / backbone.blocks.first().map_or(1, |b| b.attn.num_heads);
+        let views = crate::ops::attention_keeps_maps(q, backbone.num_tokens(), dh, dh);
+        let keep = if views { crate::vit::KeepKv::Views } else { crate::vit::KeepKv::Copies };
         let mut outs = Vec::with_capacity(depth);
-        let cls = backbone.trunk_pass_each(images, noise, 0, &mut |m, k, v| outs.push(self.query_output(backbone, m, b, k, v, None)));
+        let cls = backbone.trunk_pass_each(images, noise, 0, keep, &mut |m, k, v| outs.push(self.query_output(backbone, m, b, k, v, None)));
         self.logits(cls, &outs)
     }
 

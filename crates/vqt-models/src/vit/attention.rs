@@ -27,6 +27,19 @@ pub struct Attention {
     pub ssf_proj: Option<Ssf>,
 }
 
+/// How a self-attention hands over its keys and values (`[B, H, N, Dh]` each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepKv {
+    /// Not at all.
+    No,
+    /// As copies out of the fused projection (held alone, without its query third).
+    Copies,
+    /// As views of the fused projection where the backend allows (plain Flex f32,
+    /// [`crate::ops::flex_kv_views`]), else copies: no copy, but a holder holds the whole
+    /// projection. For a consumer that is done with them at once.
+    Views,
+}
+
 /// `[B, N, D]` -> `[B, H, N, Dh]`.
 pub fn split_heads(x: Tensor<3>, num_heads: usize) -> Tensor<4> {
     let [b, n, d] = x.dims();
@@ -118,12 +131,20 @@ impl Attention {
     /// ([`crate::ops::flex_attention_packed`]): nothing is copied apart for it, and under
     /// autodiff its backward returns one gradient for the fused output. Kept keys and values
     /// are copies (the query third is not held).
-    fn attend_fused(&self, qkv: Tensor<3>, keys: usize, keep_kv: bool) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
+    fn attend_fused(&self, qkv: Tensor<3>, keys: usize, keep_kv: KeepKv) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
         let h = self.num_heads;
         let kv = |qkv: Tensor<3>| {
+            let qkv = match keep_kv {
+                KeepKv::Views => match crate::ops::flex_kv_views(qkv, h, keys) {
+                    Ok(kv) => return kv,
+                    Err(qkv) => qkv,
+                },
+                _ => qkv,
+            };
             let [_, k, v] = self.split_parts(qkv, [false, true, true], keys);
             (k.expect("asked"), v.expect("asked"))
         };
+        let keep_kv = keep_kv != KeepKv::No;
         match crate::ops::flex_attention_packed(qkv, h, keys) {
             Ok((o, qkv)) => (merge_heads(o), keep_kv.then(|| kv(qkv))),
             Err(qkv) => {
@@ -178,10 +199,11 @@ impl Attention {
         merge_heads(softmax(scores, 3).matmul(v))
     }
 
-    /// Self-attention of `a: [B, N, D]`, also returning its keys and values.
-    pub fn forward_kv(&self, a: Tensor<3>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
+    /// Self-attention of `a: [B, N, D]`, also returning its keys and values (copies, or views of
+    /// the fused projection on Flex with [`KeepKv::Views`]).
+    pub fn forward_kv(&self, a: Tensor<3>, keep: KeepKv) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
         let n = a.dims()[1];
-        let (o, kv) = self.attend_fused(self.fused(a), n, true);
+        let (o, kv) = self.attend_fused(self.fused(a), n, if keep == KeepKv::No { KeepKv::Copies } else { keep });
         let (k, v) = kv.expect("kept when asked");
         (self.project_out(o), k, v)
     }
@@ -197,7 +219,7 @@ impl Attention {
     /// that read the trunk's tokens without being read by them (VQT's queries riding along in
     /// the trunk's products, [`crate::vit::Block::forward_with_queries`]).
     pub fn forward_keys(&self, a: Tensor<3>, keys: usize) -> Tensor<3> {
-        self.project_out(self.attend_fused(self.fused(a), keys, false).0)
+        self.project_out(self.attend_fused(self.fused(a), keys, KeepKv::No).0)
     }
 
     /// [`Attention::attend`] where `rows` is given: `k, v: [N, H, Nk, ·]` hold more images than

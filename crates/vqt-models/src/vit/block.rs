@@ -1,4 +1,4 @@
-use super::attention::Attention;
+use super::attention::{Attention, KeepKv};
 use crate::tuners::adapter::{self, BottleneckAdapter};
 use crate::tuners::adaptformer::AdaptFormer;
 use crate::tuners::ssf::{self, Ssf};
@@ -116,9 +116,10 @@ impl Block {
         adapter::maybe(&self.adapter_attn, scale(&self.ls1, o))
     }
 
-    /// The block's output plus the keys and values (`[B, H, N, Dh]`) of its normalised input.
-    pub fn forward_kv(&self, z: Tensor<3>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
-        let (o, k, v) = self.attn.forward_kv(self.norm1_out(z.clone()));
+    /// The block's output plus the keys and values (`[B, H, N, Dh]`) of its normalised input,
+    /// handed over as `keep` says ([`KeepKv::No`] is taken as copies).
+    pub fn forward_kv(&self, z: Tensor<3>, keep: KeepKv) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
+        let (o, k, v) = self.attn.forward_kv(self.norm1_out(z.clone()), keep);
         let z = self.add_branch(z, o, &self.ls1, &self.adapter_attn);
         (self.mlp_residual(z), k, v)
     }

@@ -9,7 +9,7 @@ mod model;
 mod patch_embed;
 pub mod pos_embed;
 
-pub use attention::{Attention, merge_heads, split_heads};
+pub use attention::{Attention, KeepKv, merge_heads, split_heads};
 pub use block::{Block, LayerScale, Mlp};
 pub use config::{VitConfig, VitPreset};
 pub use load::{LoadError, LoadReport};

@@ -1,4 +1,4 @@
-use super::attention::Attention;
+use super::attention::{Attention, KeepKv};
 use super::block::{Block, LayerScale, Mlp};
 use super::config::VitConfig;
 use super::patch_embed::PatchEmbed;
@@ -301,24 +301,26 @@ impl Vit {
     pub fn trunk_pass(&self, images: Tensor<4>, noise: TrunkNoise, prefix: usize, keep_kv: bool) -> TrunkKv {
         let mut kv = Vec::with_capacity(self.blocks.len());
         let mut keep = |_: usize, k: Tensor<4>, v: Tensor<4>| kv.push((k, v));
-        let cls = self.pass(images, noise, prefix, if keep_kv { Some(&mut keep) } else { None });
+        let cls = self.pass(images, noise, prefix, KeepKv::Copies, if keep_kv { Some(&mut keep) } else { None });
         TrunkKv { kv, cls, rows: None }
     }
 
     /// [`Vit::trunk_pass`] handing each layer's keys and values to `each(m, K_m, V_m)` as soon
     /// as block m has produced them, instead of keeping them all to the end: a query side run
     /// layer by layer holds one layer's keys and values at a time (VQT's training step,
-    /// [`crate::TrunkModel`]). Returns the class token `LN_final(Z_L)[:, 0]`.
-    pub fn trunk_pass_each(&self, images: Tensor<4>, noise: TrunkNoise, prefix: usize, each: &mut dyn FnMut(usize, Tensor<4>, Tensor<4>)) -> Tensor<2> {
-        self.pass(images, noise, prefix, Some(each))
+    /// [`crate::TrunkModel`]). They come as `keep` says: [`KeepKv::Views`] of each block's
+    /// fused projection spares the copies where `each` does not keep them. Returns the class
+    /// token `LN_final(Z_L)[:, 0]`.
+    pub fn trunk_pass_each(&self, images: Tensor<4>, noise: TrunkNoise, prefix: usize, keep: KeepKv, each: &mut dyn FnMut(usize, Tensor<4>, Tensor<4>)) -> Tensor<2> {
+        self.pass(images, noise, prefix, keep, Some(each))
     }
 
-    fn pass(&self, images: Tensor<4>, noise: TrunkNoise, prefix: usize, mut each: Option<&mut dyn FnMut(usize, Tensor<4>, Tensor<4>)>) -> Tensor<2> {
+    fn pass(&self, images: Tensor<4>, noise: TrunkNoise, prefix: usize, keep: KeepKv, mut each: Option<&mut dyn FnMut(usize, Tensor<4>, Tensor<4>)>) -> Tensor<2> {
         let depth = self.blocks.len();
         let prefix = prefix.min(depth);
         if prefix == 0 || !self.cls_token.device().is_autodiff() {
             let z = self.embed_noisy(images, &noise);
-            return self.pool(self.kv_blocks(z, 0..depth, depth, &noise, each));
+            return self.pool(self.kv_blocks(z, 0..depth, depth, &noise, keep, each));
         }
         // Only what the prefix reads, without autodiff (cheap: the parameters are shared).
         let head = Vit {
@@ -334,10 +336,10 @@ impl Vit {
         }
         .valid();
         let z = head.embed_noisy(images.without_autodiff(), &noise);
-        let z = head.kv_blocks(z, 0..prefix, depth, &noise, each.as_mut().map(|f| &mut **f as &mut dyn FnMut(usize, Tensor<4>, Tensor<4>)));
+        let z = head.kv_blocks(z, 0..prefix, depth, &noise, keep, each.as_mut().map(|f| &mut **f as &mut dyn FnMut(usize, Tensor<4>, Tensor<4>)));
         // Back onto the tape for the tuned blocks (a model in eval, already plain, stays plain).
         let z = if self.cls_token.device().is_autodiff() { z.autodiff() } else { z };
-        self.pool(self.kv_blocks(z, prefix..depth, depth, &noise, each))
+        self.pool(self.kv_blocks(z, prefix..depth, depth, &noise, keep, each))
     }
 
     /// The embedding, with the trunk's embedding dropout when `noise` has it.
@@ -351,14 +353,14 @@ impl Vit {
     /// handing each block's K/V to `kv(m, K, V)`; the drop-path rate of block m is
     /// `drop_path · m / (L − 1)` with L = `full_depth`. Without `kv` the keys and values are
     /// neither kept nor copied.
-    fn kv_blocks(&self, z: Tensor<3>, range: std::ops::Range<usize>, full_depth: usize, noise: &TrunkNoise, mut kv: Option<&mut dyn FnMut(usize, Tensor<4>, Tensor<4>)>) -> Tensor<3> {
+    fn kv_blocks(&self, z: Tensor<3>, range: std::ops::Range<usize>, full_depth: usize, noise: &TrunkNoise, keep: KeepKv, mut kv: Option<&mut dyn FnMut(usize, Tensor<4>, Tensor<4>)>) -> Tensor<3> {
         range.fold(z, |z, m| {
             let blk = &self.blocks[m];
             let z = self.before_block(m, z);
             if noise.is_off() {
                 return match kv.as_deref_mut() {
                     Some(kv) => {
-                        let (next, k, v) = blk.forward_kv(z);
+                        let (next, k, v) = blk.forward_kv(z, keep);
                         kv(m, k, v);
                         next
                     }
@@ -370,7 +372,7 @@ impl Vit {
             let a = blk.norm1_out(z.clone());
             let o = match kv.as_deref_mut() {
                 Some(kv) => {
-                    let (o, k, v) = blk.attn.forward_kv(a);
+                    let (o, k, v) = blk.attn.forward_kv(a, keep);
                     kv(m, k, v);
                     o
                 }
