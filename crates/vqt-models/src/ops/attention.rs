@@ -513,7 +513,7 @@ fn forward_views(qv: &View, kv: &View, vv: &View, scale: f32, keep: bool, maps: 
 #[allow(clippy::too_many_arguments)]
 unsafe fn head_maps(p: &[f32], nk: usize, dh: usize, k: *const f32, k_rs: isize, k_cs: isize, v: Rows<'_>, o: *const f32, o_rs: usize, scale: f32, w: &mut Vec<f32>, dst: *mut f32) {
     let dv = v.cols;
-    let nq = if nk == 0 { 0 } else { p.len() / nk };
+    let nq = p.len().checked_div(nk).unwrap_or(0);
     w.resize(nk * dv, 0.0);
     for i in 0..nq {
         // SAFETY: row i of the output (the caller's contract).

@@ -217,7 +217,7 @@ impl Attention {
     /// Attention of every token of `a: [B, N, D]` over the first `keys` of them only (their
     /// keys and values), through the output projection: rows after `keys` are query tokens
     /// that read the trunk's tokens without being read by them (VQT's queries riding along in
-    /// the trunk's products, [`crate::vit::Block::forward_with_queries`]).
+    /// the trunk's products, [`crate::vit::Block::forward_riding`]).
     pub fn forward_keys(&self, a: Tensor<3>, keys: usize) -> Tensor<3> {
         self.project_out(self.attend_fused(self.fused(a), keys, KeepKv::No).0)
     }
