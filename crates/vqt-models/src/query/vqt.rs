@@ -102,9 +102,13 @@ impl Vqt {
     /// Layer m's query outputs `[B, Q, D]` for a batch of `b` images, given its keys and values
     /// (the rows `rows` of them where given, [`TrunkKv::rows`]).
     pub fn query_output(&self, backbone: &Vit, m: usize, b: usize, k: Tensor<4>, v: Tensor<4>, rows: Option<&[usize]>) -> Tensor<3> {
+        backbone.blocks[m].query_forward(self.layer_queries(m, b), k, v, rows)
+    }
+
+    /// Layer m's queries for a batch of `b` images, `[B, Q, D]`, through the query dropout.
+    fn layer_queries(&self, m: usize, b: usize) -> Tensor<3> {
         let [_, q, d] = self.queries.dims();
-        let p = self.queries.val().narrow(0, m, 1).expand([b, q, d]);
-        backbone.blocks[m].query_forward(crate::ops::dropout(&self.dropout, p), k, v, rows)
+        crate::ops::dropout(&self.dropout, self.queries.val().narrow(0, m, 1).expand([b, q, d]))
     }
 
     /// Logits of `images` with the query side of each layer run as soon as the trunk's block
@@ -149,11 +153,9 @@ impl Vqt {
     /// values. Inference only: on an autodiff device the queries' gradients would run back
     /// through the trunk's products.
     pub fn forward_images(&self, backbone: &Vit, images: Tensor<4>) -> Tensor<2> {
-        let [depth, q, d] = self.queries.dims();
+        let depth = self.queries.dims()[0];
         assert_eq!(depth, backbone.depth(), "VQT has {depth} query sets for a {}-block backbone", backbone.depth());
-        let (cls, outs) = backbone.forward_with_queries(images, |m, b| {
-            crate::ops::dropout(&self.dropout, self.queries.val().narrow(0, m, 1).expand([b, q, d]))
-        });
+        let (cls, outs) = backbone.forward_with_queries(images, |m, b| self.layer_queries(m, b));
         self.logits(cls, &outs)
     }
 

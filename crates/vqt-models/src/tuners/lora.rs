@@ -145,21 +145,14 @@ impl LoraQkv {
         Some((down, up))
     }
 
-    /// `qkv` with `(α/r)·A_t·B_t` added to the columns of each adapted third: the same outputs
-    /// as the unmerged model, as one plain `Linear` for inference.
+    /// `qkv` with `(α/r)·A_t·B_t` added to the columns of each adapted third ([`LoraQkv::update`]):
+    /// the same outputs as the unmerged model, as one plain `Linear` for inference.
     pub fn merge_into(&self, qkv: Linear) -> Linear {
         let w = qkv.weight.val();
-        let d = w.dims()[0];
-        let parts: Vec<Tensor<2>> = (0..3)
-            .map(|t| {
-                let cols = w.clone().narrow(1, t * d, d);
-                match self.pair(t) {
-                    Some(p) => cols + p.a.val().matmul(p.b.val()).mul_scalar(self.scale),
-                    None => cols,
-                }
-            })
-            .collect();
-        let merged = Tensor::cat(parts, 1);
+        let merged = match self.update(w.dims()[0]) {
+            Some(u) => w + u,
+            None => w,
+        };
         Linear { weight: Param::from_tensor(merged).set_require_grad(false), bias: qkv.bias }
     }
 }

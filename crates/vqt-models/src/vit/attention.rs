@@ -30,8 +30,6 @@ pub struct Attention {
 /// How a self-attention hands over its keys and values (`[B, H, N, Dh]` each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeepKv {
-    /// Not at all.
-    No,
     /// As copies out of the fused projection (held alone, without its query third).
     Copies,
     /// As views of the fused projection where the backend allows (plain Flex f32,
@@ -126,16 +124,16 @@ impl Attention {
     /// The attention output (heads merged, before the output projection) of a fused
     /// projection `qkv: [B, N, 3·D]` (tuners applied) whose first `keys` rows are the keys and
     /// values (`N` for self-attention; fewer where query tokens ride along after the trunk's
-    /// tokens, [`Attention::forward_keys`]), and those keys and values when `keep_kv`. On Flex
+    /// tokens, [`Attention::forward_keys`]), and those keys and values as `keep` says. On Flex
     /// in f32 the attention reads the heads of `qkv` in place
     /// ([`crate::ops::flex_attention_packed`]): nothing is copied apart for it, and under
     /// autodiff its backward returns one gradient for the fused output. Kept keys and values
     /// are copies (the query third is not held).
-    fn attend_fused(&self, qkv: Tensor<3>, keys: usize, keep_kv: KeepKv) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
+    fn attend_fused(&self, qkv: Tensor<3>, keys: usize, keep: Option<KeepKv>) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
         let h = self.num_heads;
         let kv = |qkv: Tensor<3>| {
-            let qkv = match keep_kv {
-                KeepKv::Views => match crate::ops::flex_kv_views(qkv, h, keys) {
+            let qkv = match keep {
+                Some(KeepKv::Views) => match crate::ops::flex_kv_views(qkv, h, keys) {
                     Ok(kv) => return kv,
                     Err(qkv) => qkv,
                 },
@@ -144,7 +142,7 @@ impl Attention {
             let [_, k, v] = self.split_parts(qkv, [false, true, true], keys);
             (k.expect("asked"), v.expect("asked"))
         };
-        let keep_kv = keep_kv != KeepKv::No;
+        let keep_kv = keep.is_some();
         match crate::ops::flex_attention_packed(qkv, h, keys) {
             Ok((o, qkv)) => (merge_heads(o), keep_kv.then(|| kv(qkv))),
             Err(qkv) => {
@@ -203,7 +201,7 @@ impl Attention {
     /// the fused projection on Flex with [`KeepKv::Views`]).
     pub fn forward_kv(&self, a: Tensor<3>, keep: KeepKv) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
         let n = a.dims()[1];
-        let (o, kv) = self.attend_fused(self.fused(a), n, if keep == KeepKv::No { KeepKv::Copies } else { keep });
+        let (o, kv) = self.attend_fused(self.fused(a), n, Some(keep));
         let (k, v) = kv.expect("kept when asked");
         (self.project_out(o), k, v)
     }
@@ -219,7 +217,7 @@ impl Attention {
     /// that read the trunk's tokens without being read by them (VQT's queries riding along in
     /// the trunk's products, [`crate::vit::Block::forward_riding`]).
     pub fn forward_keys(&self, a: Tensor<3>, keys: usize) -> Tensor<3> {
-        self.project_out(self.attend_fused(self.fused(a), keys, KeepKv::No).0)
+        self.project_out(self.attend_fused(self.fused(a), keys, None).0)
     }
 
     /// [`Attention::attend`] where `rows` is given: `k, v: [N, H, Nk, ·]` hold more images than

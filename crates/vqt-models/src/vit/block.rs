@@ -117,7 +117,7 @@ impl Block {
     }
 
     /// The block's output plus the keys and values (`[B, H, N, Dh]`) of its normalised input,
-    /// handed over as `keep` says ([`KeepKv::No`] is taken as copies).
+    /// handed over as `keep` says.
     pub fn forward_kv(&self, z: Tensor<3>, keep: KeepKv) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
         let (o, k, v) = self.attn.forward_kv(self.norm1_out(z.clone()), keep);
         let z = self.add_branch(z, o, &self.ls1, &self.adapter_attn);

@@ -252,10 +252,9 @@ impl Vit {
     /// training keeps the trunk off the tape and the queries on it, so it runs
     /// [`Vit::forward_kv`] and the query side apart.
     pub fn forward_with_queries(&self, images: Tensor<4>, mut queries: impl FnMut(usize, usize) -> Tensor<3>) -> (Tensor<2>, Vec<Tensor<3>>) {
-        let z = self.embed(images);
-        let [b, _, d] = z.dims();
+        let mut x = self.embed(images);
+        let [b, _, d] = x.dims();
         let mut outs = Vec::with_capacity(self.blocks.len());
-        let mut x = z;
         for (m, block) in self.blocks.iter().enumerate() {
             let p = queries(m, b);
             let q = p.dims()[1];
